@@ -1,0 +1,200 @@
+"""Weight deltas: delta = theta_ft - theta_pre, and the weak model theta_pre + omega * delta.
+
+The weak model is never materialized. Every layer with parameters in the UNets we
+support (Linear, ConvNd, GroupNorm, LayerNorm) is affine in its own parameters, so
+given the layer's input x,
+
+    F(x; theta_ft + (omega - 1) * delta) = F(x; theta_ft) + (omega - 1) * F_delta(x)
+
+where F_delta(x) is the layer applied with the delta as its parameters
+(``layer_response``). The fine-tuned weights stay as they are; the rows of a batch
+that belong to the weak model get ``(omega - 1) * F_delta(x)`` added to the layer's
+output (``add_weak_correction``). Exact, and ``omega`` may change every step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import GuidanceInputError
+
+# Prefixes under which checkpoints store the denoiser, longest first.
+UNET_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+# How many mismatched names an error message lists.
+_SHOWN = 5
+
+
+def unet_state_dict(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The denoiser's tensors of a checkpoint or bare UNet state dict, keyed without prefix."""
+    for prefix in UNET_PREFIXES:
+        picked = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        if picked:
+            return picked
+    return dict(sd)
+
+
+def check_finite(tensors: Mapping[str, Tensor], what: str) -> None:
+    """Raise naming the first tensors that hold NaN or Inf."""
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise GuidanceInputError(f"{what} holds NaN or Inf in {len(bad)} tensor(s), first: {', '.join(bad[:_SHOWN])}.")
+
+
+def weight_delta(base: Mapping[str, Tensor], finetuned: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """delta = theta_ft - theta_pre, tensor by tensor, formed in fp32.
+
+    Both state dicts are aligned first (``unet_state_dict``). Keys or shapes that
+    differ mean two different architectures: the error names the first of them.
+    Tensors whose delta is exactly zero (frozen during fine-tuning) are left out.
+    """
+    base, finetuned = unet_state_dict(base), unet_state_dict(finetuned)
+    only_base = sorted(set(base) - set(finetuned))
+    only_ft = sorted(set(finetuned) - set(base))
+    if only_base or only_ft:
+        parts = []
+        if only_base:
+            parts.append(f"only in the base: {', '.join(only_base[:_SHOWN])}")
+        if only_ft:
+            parts.append(f"only in the fine-tune: {', '.join(only_ft[:_SHOWN])}")
+        raise GuidanceInputError(
+            "Base and fine-tuned models are different architectures "
+            f"({len(only_base) + len(only_ft)} tensors unmatched; {'; '.join(parts)})."
+        )
+    shapes = [
+        f"{k} {tuple(base[k].shape)} vs {tuple(finetuned[k].shape)}"
+        for k in sorted(base)
+        if base[k].shape != finetuned[k].shape
+    ]
+    if shapes:
+        raise GuidanceInputError(
+            f"Base and fine-tuned models are different architectures ({len(shapes)} tensors differ in shape, "
+            f"first: {'; '.join(shapes[:_SHOWN])})."
+        )
+    check_finite(base, "The base model")
+    check_finite(finetuned, "The fine-tuned model")
+    delta = {}
+    for k in sorted(base):
+        if not base[k].is_floating_point():
+            continue
+        d = finetuned[k].to(torch.float32) - base[k].to(torch.float32)
+        if torch.count_nonzero(d):
+            delta[k] = d
+    check_finite(delta, "The weight delta (fine-tuned minus base)")
+    return delta
+
+
+@dataclass
+class DenseDelta:
+    """A layer's delta as full tensors; either may be None (no change)."""
+
+    weight: Tensor | None = None
+    bias: Tensor | None = None
+
+    def tensors(self) -> list[Tensor]:
+        return [t for t in (self.weight, self.bias) if t is not None]
+
+
+@dataclass
+class LowRankDelta:
+    """A LoRA delta: weight delta = scale * up @ down, with ``up`` (out, r, ...) and ``down`` (r, in, ...)."""
+
+    up: Tensor
+    down: Tensor
+    scale: float
+
+    def tensors(self) -> list[Tensor]:
+        return [self.up, self.down]
+
+
+LayerDelta = DenseDelta | LowRankDelta
+
+SUPPORTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.GroupNorm, nn.LayerNorm)
+
+
+def check_layer(name: str, layer: nn.Module, delta: LayerDelta) -> None:
+    """Raise unless ``layer_response`` can apply ``delta`` to ``layer`` exactly."""
+    if not isinstance(layer, SUPPORTED_LAYERS):
+        raise GuidanceInputError(
+            f"Layer {name} ({type(layer).__name__}) has a weight delta, but only "
+            f"{', '.join(t.__name__ for t in SUPPORTED_LAYERS)} layers can be interpolated."
+        )
+    if isinstance(delta, LowRankDelta):
+        if not isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) or getattr(layer, "groups", 1) != 1:
+            raise GuidanceInputError(f"Layer {name} ({type(layer).__name__}) cannot take a low-rank delta.")
+        rank = delta.down.shape[0]
+        fits = delta.up.numel() == delta.up.shape[0] * rank
+        if not fits or delta.up.shape[0] * math.prod(delta.down.shape[1:]) != layer.weight.numel():
+            raise GuidanceInputError(
+                f"The low-rank delta for {name} does not fit its weight {tuple(layer.weight.shape)}."
+            )
+        return
+    for what, ref, d in (("weight", layer.weight, delta.weight), ("bias", layer.bias, delta.bias)):
+        if d is not None and (ref is None or ref.shape != d.shape):
+            shape = None if ref is None else tuple(ref.shape)
+            raise GuidanceInputError(f"The {what} delta for {name} has shape {tuple(d.shape)}, the layer has {shape}.")
+
+
+def layer_response(layer: nn.Module, x: Tensor, delta: LayerDelta, out_shape: torch.Size) -> Tensor:
+    """F_delta(x): ``layer`` applied to ``x`` with ``delta`` as its parameters (no fine-tuned weights).
+
+    ``out_shape`` is the shape of the layer's output for ``x``.
+    """
+    if isinstance(delta, LowRankDelta):
+        down = delta.down.reshape(delta.down.shape[0], *layer.weight.shape[1:])
+        if isinstance(layer, nn.Linear):
+            h = F.linear(x, down)
+            return F.linear(h, delta.up.reshape(delta.up.shape[0], -1)) * delta.scale
+        h = layer._conv_forward(x, down, None)
+        up = delta.up.reshape(delta.up.shape[0], delta.up.shape[1], *[1] * (h.dim() - 2))
+        conv = (F.conv1d, F.conv2d, F.conv3d)[h.dim() - 3]
+        return conv(h, up) * delta.scale
+    weight, bias = delta.weight, delta.bias
+    if weight is None:
+        # Bias only: the response is the bias, broadcast over the output's channel dimension.
+        channel_dim = -1 if isinstance(layer, (nn.Linear, nn.LayerNorm)) else 1
+        view = [1] * len(out_shape)
+        view[channel_dim] = -1
+        return bias.view(view).expand(out_shape)
+    if isinstance(layer, nn.Linear):
+        return F.linear(x, weight, bias)
+    if isinstance(layer, nn.GroupNorm):
+        return F.group_norm(x, layer.num_groups, weight, bias, layer.eps)
+    if isinstance(layer, nn.LayerNorm):
+        return F.layer_norm(x, layer.normalized_shape, weight, bias, layer.eps)
+    return layer._conv_forward(x, weight, bias)
+
+
+def rows_for_layer(batch_rows: Tensor, batch_size: int, layer_batch: int) -> Tensor:
+    """The rows of a layer's input that belong to the batch rows ``batch_rows``.
+
+    Layers see the model's batch either as is or with each batch row expanded into
+    consecutive rows (``(b t) ...`` layouts); anything else is an error.
+    """
+    if layer_batch == batch_size:
+        return batch_rows
+    if layer_batch % batch_size:
+        raise GuidanceInputError(
+            f"A layer saw a batch of {layer_batch} rows for a model batch of {batch_size}: "
+            "this architecture cannot be guided row by row."
+        )
+    per_row = layer_batch // batch_size
+    offsets = torch.arange(per_row, device=batch_rows.device)
+    return (batch_rows[:, None] * per_row + offsets).flatten()
+
+
+def add_weak_correction(
+    layer: nn.Module, x: Tensor, out: Tensor, delta: LayerDelta, rows: Tensor, coefficient: float
+) -> Tensor:
+    """``out`` with ``coefficient * F_delta(x)`` added on ``rows``: turns fine-tuned rows into weak rows.
+
+    With ``coefficient = omega - 1`` those rows become the output of theta_pre + omega * delta.
+    """
+    x_rows = x.index_select(0, rows)
+    correction = layer_response(layer, x_rows, delta, (x_rows.shape[0], *out.shape[1:])) * coefficient
+    return out.index_add(0, rows, correction.to(out.dtype))

@@ -1,0 +1,110 @@
+"""The guidance estimates of SPEC.md, as tensor functions.
+
+Every estimate is an affine combination of model predictions (its weights sum to
+one), so it holds for eps, v or denoised predictions alike. ComfyUI hands us
+denoised predictions, so the names below say ``d_``.
+
+Symbols follow SPEC.md: ``d_ft_c`` is D_ft(x, c), ``d_ft_n`` is D_ft(x, n),
+``d_w_null`` is D_w(x, null); ``lambda_p`` and ``lambda_t`` are the
+personalization and text scales.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from .errors import GuidanceInputError
+
+SCALE_MIN = 0.0
+SCALE_MAX = 100.0
+
+
+def two_way(d_ft_c: Tensor, d_w_null: Tensor, lam: float) -> Tensor:
+    """D = D_w(x, null) + lambda * (D_ft(x, c) - D_w(x, null))  (the paper's estimate).
+
+    Written in the order ComfyUI's ``cfg_function`` uses, so that the two agree bit for bit.
+    """
+    return d_w_null + (d_ft_c - d_w_null) * lam
+
+
+def three_way(d_ft_c: Tensor, d_ft_n: Tensor, d_w_null: Tensor, lambda_p: float, lambda_t: float) -> Tensor:
+    """D = D_w(null) + lambda_p (D_ft(n) - D_w(null)) + lambda_t (D_ft(c) - D_ft(n))  (this pack's extension)."""
+    return d_w_null + (d_ft_n - d_w_null) * lambda_p + (d_ft_c - d_ft_n) * lambda_t
+
+
+def cfg(d_c: Tensor, d_n: Tensor, scale: float) -> Tensor:
+    """Plain classifier-free guidance: D = D(n) + scale * (D(c) - D(n))."""
+    return d_n + (d_c - d_n) * scale
+
+
+@dataclass(frozen=True)
+class Evaluations:
+    """Which of the three model evaluations a step needs.
+
+    ``ft_positive``: D_ft(x, c). ``ft_negative``: D_ft(x, n). ``weak_null``: D_w(x, null).
+    """
+
+    ft_positive: bool
+    ft_negative: bool
+    weak_null: bool
+
+    @property
+    def count(self) -> int:
+        return int(self.ft_positive) + int(self.ft_negative) + int(self.weak_null)
+
+
+def plan_evaluations(lambda_p: float, lambda_t: float, omega: float, negative_is_null: bool) -> Evaluations:
+    """The evaluations the three-way estimate needs once its cancellations are used (SPEC.md).
+
+    - ``lambda_p == lambda_t``: the D_ft(n) terms cancel, leaving the two-way estimate.
+    - ``lambda_p == 1``: the D_w(null) terms cancel, leaving CFG with negative n.
+    - ``omega == 1`` with ``n = null``: D_w(null) is D_ft(n), so one of the two suffices.
+    - ``lambda_t == 0`` (three-way only): D_ft(c) drops out.
+    """
+    two_way_form = math.isclose(lambda_p, lambda_t)
+    skip_weak = math.isclose(lambda_p, 1.0)
+    if two_way_form:
+        # Two-way: lambda == 1 is D_ft(c) alone.
+        return Evaluations(ft_positive=True, ft_negative=False, weak_null=not skip_weak)
+    if not skip_weak and math.isclose(omega, 1.0) and negative_is_null:
+        skip_weak = True
+    return Evaluations(
+        ft_positive=not math.isclose(lambda_t, 0.0),
+        ft_negative=True,
+        weak_null=not skip_weak,
+    )
+
+
+def combine(
+    evaluations: Evaluations,
+    d_ft_c: Tensor | None,
+    d_ft_n: Tensor | None,
+    d_w_null: Tensor | None,
+    lambda_p: float,
+    lambda_t: float,
+) -> Tensor:
+    """The estimate for the evaluations that ``plan_evaluations`` asked for.
+
+    Terms that were skipped are passed as ``None``; the result is the same three-way
+    estimate with the cancelled terms removed.
+    """
+    if not evaluations.ft_negative:
+        if not evaluations.weak_null:
+            return d_ft_c  # two-way with lambda == 1
+        return two_way(d_ft_c, d_w_null, lambda_t)
+    if not evaluations.weak_null:
+        # lambda_p == 1, or D_w(null) == D_ft(n): the personalization term vanishes, leaving CFG with negative n.
+        return cfg(d_ft_c, d_ft_n, lambda_t) if evaluations.ft_positive else d_ft_n
+    if not evaluations.ft_positive:
+        return d_w_null + (d_ft_n - d_w_null) * lambda_p
+    return three_way(d_ft_c, d_ft_n, d_w_null, lambda_p, lambda_t)
+
+
+def check_scale(name: str, value: float) -> float:
+    """A guidance scale must be finite and within [SCALE_MIN, SCALE_MAX]."""
+    if not math.isfinite(value) or not SCALE_MIN <= value <= SCALE_MAX:
+        raise GuidanceInputError(f"{name} must be between {SCALE_MIN:g} and {SCALE_MAX:g}, got {value!r}.")
+    return float(value)
