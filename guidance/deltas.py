@@ -46,14 +46,11 @@ def check_finite(tensors: Mapping[str, Tensor], what: str) -> None:
         raise GuidanceInputError(f"{what} holds NaN or Inf in {len(bad)} tensor(s), first: {', '.join(bad[:_SHOWN])}.")
 
 
-def weight_delta(base: Mapping[str, Tensor], finetuned: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """delta = theta_ft - theta_pre, tensor by tensor, formed in fp32.
+def check_same_architecture(base: Mapping[str, tuple], finetuned: Mapping[str, tuple]) -> None:
+    """Raise naming the first tensors whose names or shapes differ between two architectures.
 
-    Both state dicts are aligned first (``unet_state_dict``). Keys or shapes that
-    differ mean two different architectures: the error names the first of them.
-    Tensors whose delta is exactly zero (frozen during fine-tuning) are left out.
+    Both arguments map tensor names to shapes.
     """
-    base, finetuned = unet_state_dict(base), unet_state_dict(finetuned)
     only_base = sorted(set(base) - set(finetuned))
     only_ft = sorted(set(finetuned) - set(base))
     if only_base or only_ft:
@@ -67,15 +64,27 @@ def weight_delta(base: Mapping[str, Tensor], finetuned: Mapping[str, Tensor]) ->
             f"({len(only_base) + len(only_ft)} tensors unmatched; {'; '.join(parts)})."
         )
     shapes = [
-        f"{k} {tuple(base[k].shape)} vs {tuple(finetuned[k].shape)}"
+        f"{k} {tuple(base[k])} vs {tuple(finetuned[k])}"
         for k in sorted(base)
-        if base[k].shape != finetuned[k].shape
+        if tuple(base[k]) != tuple(finetuned[k])
     ]
     if shapes:
         raise GuidanceInputError(
             f"Base and fine-tuned models are different architectures ({len(shapes)} tensors differ in shape, "
             f"first: {'; '.join(shapes[:_SHOWN])})."
         )
+
+
+def weight_delta(base: Mapping[str, Tensor], finetuned: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """delta = theta_ft - theta_pre, tensor by tensor, formed in fp32.
+
+    Both state dicts are aligned first (``unet_state_dict``), so the result is keyed
+    without checkpoint prefix. Names or shapes that differ mean two different
+    architectures: the error names the first of them. NaN or Inf anywhere is an
+    error. Tensors whose delta is exactly zero (frozen during fine-tuning) are left out.
+    """
+    base, finetuned = unet_state_dict(base), unet_state_dict(finetuned)
+    check_same_architecture({k: v.shape for k, v in base.items()}, {k: v.shape for k, v in finetuned.items()})
     check_finite(base, "The base model")
     check_finite(finetuned, "The fine-tuned model")
     delta = {}

@@ -1,0 +1,28 @@
+"""The pack's ComfyUI nodes (V3 schema). Each file is one node; ``core/`` holds what they share."""
+
+from typing_extensions import override
+
+from comfy_api.latest import ComfyExtension, io
+
+from .guider import PersonalizationGuider
+from .load_pair import LoadFinetunedPair, PairFromModels
+from .model_patch import PersonalizationGuidanceModel
+from .weak_model import WeakModelInterpolator
+
+NODES: list[type[io.ComfyNode]] = [
+    LoadFinetunedPair,
+    PairFromModels,
+    WeakModelInterpolator,
+    PersonalizationGuider,
+    PersonalizationGuidanceModel,
+]
+
+
+class PersonalizationGuidanceExtension(ComfyExtension):
+    @override
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return NODES
+
+
+async def comfy_entrypoint() -> PersonalizationGuidanceExtension:
+    return PersonalizationGuidanceExtension()

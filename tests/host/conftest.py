@@ -1,0 +1,83 @@
+"""The host tier: a real ComfyUI named by COMFYUI_PATH, used as a library (HOST.md).
+
+Every test here is skipped when COMFYUI_PATH is unset. ComfyUI is imported once per
+session, on the CPU, with its model folders pointed at a temporary directory that
+holds the tiny checkpoints and LoRAs these tests build.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+PACK_DIR = Path(__file__).resolve().parents[2]
+COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
+
+if COMFYUI_PATH:
+    # Before any test module imports comfy: ComfyUI first on sys.path, and on the CPU.
+    sys.path.insert(0, COMFYUI_PATH)
+    from comfy.cli_args import args
+
+    args.cpu = True
+else:
+    # The test modules import comfy at the top; without a host only test_host_tier.py is collected, and skips.
+    collect_ignore_glob = [p.name for p in Path(__file__).parent.glob("test_*.py") if p.name != "test_host_tier.py"]
+
+
+@pytest.fixture(scope="session")
+def comfy_host(tmp_path_factory):
+    """Imports ComfyUI (CPU), loads this pack as ComfyUI does, and returns the pack's module."""
+    import utils.extra_config  # noqa: F401  (before nodes: see HOST.md)
+    import folder_paths
+
+    root = tmp_path_factory.mktemp("comfy")
+    for folder in ("checkpoints", "loras", "embeddings"):
+        (root / folder).mkdir()
+        folder_paths.folder_names_and_paths[folder] = ([str(root / folder)], folder_paths.supported_pt_extensions)
+    folder_paths.set_output_directory(str(root / "output"))
+    folder_paths.set_temp_directory(str(root / "temp"))
+    folder_paths.set_input_directory(str(root / "input"))
+
+    import nodes
+
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    assert asyncio.run(nodes.load_custom_node(str(PACK_DIR))), "the pack failed to load"
+    pack = sys.modules[str(PACK_DIR).replace(".", "_x_")]
+    pack.models_root = root
+    return pack
+
+
+@pytest.fixture(scope="session")
+def tiny_files(comfy_host):
+    """Tiny SD1.5 checkpoints (base and fine-tune) and LoRAs in ComfyUI's model folders; returns their names."""
+    import comfy.utils
+
+    import tiny
+
+    root = comfy_host.models_root
+    extras = tiny.checkpoint_extras(seed=100)
+    base = tiny.unet_state_dict(tiny.SD15_UNET, seed=1)
+    finetuned = tiny.perturbed(base, seed=2, scale=0.05)
+    other = tiny.unet_state_dict({**tiny.SD15_UNET, "transformer_depth_middle": 0}, seed=3)
+    files = {
+        "base": ("checkpoints", "tiny_sd15_base.safetensors", {**base, **extras}),
+        "finetuned": ("checkpoints", "tiny_sd15_dreambooth.safetensors", {**finetuned, **extras}),
+        "other": ("checkpoints", "tiny_sd15_other_arch.safetensors", {**other, **extras}),
+        "lora": ("loras", "tiny_sd15_lora.safetensors", tiny.lora_for(base, seed=4)),
+        "partial_lora": ("loras", "tiny_sd15_partial_lora.safetensors",
+                         {**tiny.lora_for(base, seed=5, every=2), "lora_unet_no_such_layer.lora_up.weight": base[next(iter(base))][:4, :4].clone(),
+                          "lora_unet_no_such_layer.lora_down.weight": base[next(iter(base))][:4, :4].clone()}),
+        "alien_lora": ("loras", "tiny_alien_lora.safetensors",
+                       {"lora_unet_nothing_here.lora_up.weight": base[next(iter(base))][:4, :4].clone(),
+                        "lora_unet_nothing_here.lora_down.weight": base[next(iter(base))][:4, :4].clone()}),
+    }
+    names = {}
+    for key, (folder, name, sd) in files.items():
+        comfy.utils.save_torch_file(sd, str(root / folder / name))
+        names[key] = name
+    names["unet"] = {"base": base, "finetuned": finetuned}
+    return names
