@@ -19,7 +19,7 @@ from .deltas import (
 )
 from .errors import GuidanceInputError
 from .estimates import Evaluations, cfg, check_scale, combine, plan_evaluations, three_way, two_way
-from .schedule import OmegaSchedule, OmegaShape, omega_at
+from .schedule import OmegaSchedule, OmegaShape, check_unit_interval, omega_at
 
 __all__ = [
     "DenseDelta",
@@ -35,6 +35,7 @@ __all__ = [
     "check_layer",
     "check_same_architecture",
     "check_scale",
+    "check_unit_interval",
     "combine",
     "layer_response",
     "omega_at",

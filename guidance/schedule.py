@@ -14,6 +14,13 @@ from enum import Enum
 from .errors import GuidanceInputError
 
 
+def check_unit_interval(name: str, value: float) -> float:
+    """omega and sampling progress live in [0, 1]; anything else (NaN included) is an error naming ``name``."""
+    if not math.isfinite(value) or not 0.0 <= value <= 1.0:
+        raise GuidanceInputError(f"{name} must be between 0 and 1, got {value!r}.")
+    return float(value)
+
+
 class OmegaShape(str, Enum):
     """How omega moves from ``omega_start`` to ``omega_end`` inside the guidance interval."""
 
@@ -39,9 +46,7 @@ class OmegaSchedule:
     def __post_init__(self):
         object.__setattr__(self, "shape", OmegaShape(self.shape))
         for name in ("omega_start", "omega_end", "p_start", "p_end"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or not 0.0 <= value <= 1.0:
-                raise GuidanceInputError(f"{name} must be between 0 and 1, got {value!r}.")
+            check_unit_interval(name, getattr(self, name))
         if self.p_start > self.p_end:
             raise GuidanceInputError(
                 f"The guidance interval is empty: start {self.p_start:g} is after end {self.p_end:g}."

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..guidance import OmegaSchedule, OmegaShape
+from ..guidance import OmegaSchedule, OmegaShape, check_unit_interval
 from .core.runtime import WeakModel
 from .sockets import CATEGORY, FinetunedPairSocket, WeakModelSocket
 
@@ -78,6 +78,9 @@ class WeakModelInterpolator(io.ComfyNode):
 
     @classmethod
     def execute(cls, pair, schedule: str, omega: float, omega_end: float, guidance_start: float, guidance_end: float) -> io.NodeOutput:
+        for name, value in (("omega", omega), ("omega_end", omega_end),
+                            ("guidance_start", guidance_start), ("guidance_end", guidance_end)):
+            check_unit_interval(name, value)  # named as the widgets are
         shape = OmegaShape(schedule)
         end = omega if shape == OmegaShape.CONSTANT else omega_end
         return io.NodeOutput(WeakModel(pair, OmegaSchedule(shape, omega, end, guidance_start, guidance_end)))

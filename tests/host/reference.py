@@ -82,7 +82,9 @@ class HandGuider(comfy.samplers.CFGGuider):
         self.weights, self.omega_of_p = weights, omega_of_p
         self.hand_conds = conds  # {"c": (ctx, y), "null": ..., "n": ... or None}
         self.lam_t, self.lam_p = lam_t, lam_p
-        self.set_conds([[conds["c"][0], {}]], [[conds["null"][0], {}]])
+        # Conds only for ComfyUI's bookkeeping (process_conds); predict_noise uses the hand conds above.
+        extra = {} if conds["c"][1] is None else {"pooled_output": torch.zeros(1, 1280)}
+        self.set_conds([[conds["c"][0], extra]], [[conds["null"][0], extra]])
         self.set_cfg(lam_t)
         self.omegas = []
 

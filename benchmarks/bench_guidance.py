@@ -1,0 +1,223 @@
+"""Per-step cost of personalization guidance against plain CFG and the stock ComfyUI routes.
+
+Everything is timed side by side in one process, on one model architecture, sampler,
+seed and step count, with the routes interleaved round-robin so that drift in the
+machine's speed hits all of them alike. Figures are ratios to plain CFG on the same
+fine-tuned model. This is a benchmark, not a test: it asserts nothing.
+
+    COMFYUI_PATH=/path/to/ComfyUI python benchmarks/bench_guidance.py            # tiny SD1.5 UNet, 64x64, CPU
+    COMFYUI_PATH=/path/to/ComfyUI python benchmarks/bench_guidance.py --full-size  # SD1.5-size UNet, 512x512 (GPU)
+
+Models are random-weight SD1.5-architecture UNets built with ComfyUI's classes
+(tests/host/tiny.py); nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+PACK_DIR = Path(__file__).resolve().parents[1]
+
+
+def load_host(cpu: bool):
+    sys.path.insert(0, os.environ["COMFYUI_PATH"])
+    from comfy.cli_args import args
+
+    args.cpu = cpu
+    import utils.extra_config  # noqa: F401
+    import nodes
+
+    asyncio.run(nodes.load_custom_node(str(PACK_DIR)))
+    sys.path.insert(1, str(PACK_DIR / "tests" / "host"))
+    return sys.modules[str(PACK_DIR).replace(".", "_x_")]
+
+
+class PeakMemory:
+    """Peak process memory above the level at entry: CUDA allocator peak on a GPU, sampled RSS on the CPU."""
+
+    def __init__(self, device):
+        import psutil
+        import torch
+
+        self.torch, self.cuda = torch, device.type == "cuda"
+        self.process = psutil.Process()
+        self.peak = 0
+
+    def __enter__(self):
+        if self.cuda:
+            self.torch.cuda.synchronize()
+            self.torch.cuda.reset_peak_memory_stats()
+            self.start = self.torch.cuda.memory_allocated()
+        else:
+            self.start = self.process.memory_info().rss
+            self.running = True
+            self.thread = threading.Thread(target=self._sample, daemon=True)
+            self.thread.start()
+        return self
+
+    def _sample(self):
+        while self.running:
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            self.torch.cuda.synchronize()
+            self.peak = self.torch.cuda.max_memory_allocated()
+        else:
+            self.running = False
+            self.thread.join()
+        self.extra = max(0, self.peak - self.start)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--full-size", action="store_true", help="SD1.5-size UNet at 512x512 (needs a GPU to be quick)")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--lambda", dest="lam", type=float, default=5.0)
+    parser.add_argument("--omega", type=float, default=0.5)
+    parser.add_argument("--lora-rank", type=int, default=8)
+    opts = parser.parse_args(argv)
+
+    import torch
+
+    pack = load_host(cpu=not torch.cuda.is_available())
+    import comfy.hooks
+    import comfy.model_management
+    import comfy.samplers
+    import comfy.sd
+    import comfy.supported_models
+
+    import tiny
+
+    device = comfy.model_management.get_torch_device()
+    torch.manual_seed(0)
+    config = dict(tiny.SD15_UNET)
+    size = 64
+    if opts.full_size:
+        config.update(num_res_blocks=[2, 2, 2, 2], channel_mult=[1, 2, 4, 4], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
+                      transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], transformer_depth_middle=1)
+        size = 512
+    sd15 = comfy.supported_models.SD15
+    base_sd = tiny.unet_state_dict(config, seed=1)
+    ft_sd = tiny.perturbed(base_sd, seed=2, scale=0.05)
+    lora = tiny.lora_for(base_sd, seed=3, rank=opts.lora_rank)
+    weak_sd = {k: base_sd[k] + opts.omega * (ft_sd[k] - base_sd[k]) for k in base_sd}
+
+    def patcher(sd):
+        mp = tiny.model_patcher(sd15, config, sd)
+        mp.load_device = device
+        return mp
+
+    base = patcher(base_sd)
+    lora_ft, _ = comfy.sd.load_lora_for_models(base, None, lora, 1.0, 0.0)
+    full_ft = patcher(ft_sd)
+    weak_full = patcher(weak_sd)
+    lora_pair = pack.nodes.load_pair.PairFromModels.execute(base, lora_ft).args[0]
+    full_pair = pack.nodes.load_pair.PairFromModels.execute(patcher(base_sd), full_ft).args[0]
+
+    gen = torch.Generator().manual_seed(4)
+    ctx = {k: torch.randn(1, 77, 768, generator=gen) for k in ("c", "null")}
+    positive, null = [[ctx["c"], {}]], [[ctx["null"], {}]]
+
+    def cfg(model, pos=positive, neg=null):
+        guider = comfy.samplers.CFGGuider(model)
+        guider.set_conds(pos, neg)
+        guider.set_cfg(opts.lam)
+        return guider
+
+    def pg(pair, schedule):
+        shape, end = ("constant", opts.omega) if schedule == "constant" else ("linear", 1.0)
+        start = opts.omega if schedule == "constant" else 0.0
+        weak = pack.nodes.weak_model.WeakModelInterpolator.execute(pair, shape, start, end, 0.0, 1.0).args[0]
+        return pack.nodes.guider.PersonalizationGuider.execute(pair.finetuned, weak, positive, null, "two-way (paper)", opts.lam, 1.0).args[0]
+
+    class TwoModelGuider(comfy.samplers.CFGGuider):
+        """The stock way without this pack: cond on the fine-tuned UNet, uncond on a second, materialized weak UNet."""
+
+        def __init__(self, ft, weak):
+            super().__init__(ft)
+            self.weak = weak
+            self.set_conds(positive, null)
+            self.set_cfg(opts.lam)
+
+        def outer_sample(self, *args, **kwargs):
+            comfy.model_management.load_models_gpu([self.model_patcher, self.weak])
+            return super().outer_sample(*args, **kwargs)
+
+        def predict_noise(self, x, timestep, model_options={}, seed=None):
+            cond = comfy.samplers.calc_cond_batch(self.inner_model, [self.conds["positive"]], x, timestep, model_options)[0]
+            uncond = comfy.samplers.calc_cond_batch(self.weak.model, [self.conds["negative"]], x, timestep, model_options)[0]
+            return comfy.samplers.cfg_function(self.inner_model, cond, uncond, opts.lam, x, timestep, model_options)
+
+    def hooks(mode):
+        model = base.clone()
+        model.hook_mode = mode
+        pos = comfy.hooks.set_hooks_for_conditioning(positive, comfy.hooks.create_hook_lora(lora, 1.0, 0.0))
+        neg = comfy.hooks.set_hooks_for_conditioning(null, comfy.hooks.create_hook_lora(lora, opts.omega, 0.0))
+        return cfg(model, pos, neg)
+
+    routes = {
+        "CFG, LoRA model (baseline A)": lambda: cfg(lora_ft),
+        "PG LoRA pair, constant omega": lambda: pg(lora_pair, "constant"),
+        "PG LoRA pair, linear omega": lambda: pg(lora_pair, "linear"),
+        "stock: LoRA hooks on conds, MaxSpeed": lambda: hooks(comfy.hooks.EnumHookMode.MaxSpeed),
+        "stock: LoRA hooks on conds, MinVram": lambda: hooks(comfy.hooks.EnumHookMode.MinVram),
+        "CFG, full fine-tune (baseline B)": lambda: cfg(full_ft),
+        "PG full pair, constant omega": lambda: pg(full_pair, "constant"),
+        "PG full pair, linear omega": lambda: pg(full_pair, "linear"),
+        "stock: two UNets, dual-model guider": lambda: TwoModelGuider(full_ft, weak_full),
+    }
+    baseline = {name: ("CFG, LoRA model (baseline A)" if i < 5 else "CFG, full fine-tune (baseline B)") for i, name in enumerate(routes)}
+    latent = torch.zeros(1, 4, size // 8, size // 8)
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(5))
+    sigmas = comfy.samplers.calculate_sigmas(base.get_model_object("model_sampling"), "normal", opts.steps)
+    sampler = comfy.samplers.sampler_object("euler")
+
+    def run(name):
+        guider = routes[name]()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        with PeakMemory(device) as mem, torch.inference_mode():
+            t0 = time.perf_counter()
+            guider.sample(noise, latent, sampler, sigmas, seed=0, disable_pbar=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - t0
+        return elapsed / opts.steps, mem.extra
+
+    times = {name: [] for name in routes}
+    peaks = {name: 0 for name in routes}
+    for name in routes:  # warm-up: loads, caches, first-call costs
+        run(name)
+    for _ in range(opts.repeats):
+        for name in routes:
+            step, extra = run(name)
+            times[name].append(step)
+            peaks[name] = max(peaks[name], extra)
+
+    resident = {"PG LoRA pair": lora_pair.delta_bytes(), "PG full pair": full_pair.delta_bytes(),
+                "stock: two UNets": sum(v.numel() * v.element_size() for v in weak_sd.values())}
+    print(f"device: {device}, {'SD1.5-size' if opts.full_size else 'tiny SD1.5-architecture'} UNet "
+          f"({sum(v.numel() for v in base_sd.values()) / 1e6:.1f}M parameters), {size}x{size}, euler, {opts.steps} steps, "
+          f"lambda {opts.lam}, omega {opts.omega}, LoRA rank {opts.lora_rank}, median of {opts.repeats}, torch threads {torch.get_num_threads()}")
+    print()
+    print("| route | ms / step | ratio to CFG | transient peak (MiB) | extra resident weights (MiB) |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for name in routes:
+        step = statistics.median(times[name])
+        ratio = step / statistics.median(times[baseline[name]])
+        extra_resident = next((v for k, v in resident.items() if name.startswith(k)), 0)
+        print(f"| {name} | {step * 1e3:.1f} | {ratio:.2f}x | {peaks[name] / 2**20:.0f} | {extra_resident / 2**20:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
