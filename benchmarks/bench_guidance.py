@@ -19,7 +19,6 @@ import asyncio
 import os
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -39,48 +38,42 @@ def load_host(cpu: bool):
     return sys.modules[str(PACK_DIR).replace(".", "_x_")]
 
 
-class PeakMemory:
-    """Peak process memory above the level at entry: CUDA allocator peak on a GPU, sampled RSS on the CPU."""
+class StepTimer:
+    """Wall time per sampling step, from the sampler's own step callbacks: excludes model loading and patching.
 
-    def __init__(self, device):
-        import psutil
-        import torch
+    On a GPU it also records the allocator's peak during the run; the CPU has no such counter
+    (RSS does not fall when memory is freed), so there only resident weights are reported.
+    """
 
+    def __init__(self, torch, device):
         self.torch, self.cuda = torch, device.type == "cuda"
-        self.process = psutil.Process()
-        self.peak = 0
+        self.stamps = []
+        self.peak = None
+
+    def callback(self, step, x0, x, total):
+        if self.cuda:
+            self.torch.cuda.synchronize()
+        self.stamps.append(time.perf_counter())
 
     def __enter__(self):
         if self.cuda:
             self.torch.cuda.synchronize()
             self.torch.cuda.reset_peak_memory_stats()
-            self.start = self.torch.cuda.memory_allocated()
-        else:
-            self.start = self.process.memory_info().rss
-            self.running = True
-            self.thread = threading.Thread(target=self._sample, daemon=True)
-            self.thread.start()
         return self
-
-    def _sample(self):
-        while self.running:
-            self.peak = max(self.peak, self.process.memory_info().rss)
-            time.sleep(0.002)
 
     def __exit__(self, *exc):
         if self.cuda:
-            self.torch.cuda.synchronize()
             self.peak = self.torch.cuda.max_memory_allocated()
-        else:
-            self.running = False
-            self.thread.join()
-        self.extra = max(0, self.peak - self.start)
+
+    @property
+    def per_step(self) -> float:
+        return (self.stamps[-1] - self.stamps[0]) / (len(self.stamps) - 1)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--full-size", action="store_true", help="SD1.5-size UNet at 512x512 (needs a GPU to be quick)")
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--lambda", dest="lam", type=float, default=5.0)
     parser.add_argument("--omega", type=float, default=0.5)
@@ -151,7 +144,11 @@ def main(argv=None):
 
         def outer_sample(self, *args, **kwargs):
             comfy.model_management.load_models_gpu([self.model_patcher, self.weak])
-            return super().outer_sample(*args, **kwargs)
+            self.weak.pre_run()
+            try:
+                return super().outer_sample(*args, **kwargs)
+            finally:
+                self.weak.cleanup()
 
         def predict_noise(self, x, timestep, model_options={}, seed=None):
             cond = comfy.samplers.calc_cond_batch(self.inner_model, [self.conds["positive"]], x, timestep, model_options)[0]
@@ -184,25 +181,19 @@ def main(argv=None):
 
     def run(name):
         guider = routes[name]()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        with PeakMemory(device) as mem, torch.inference_mode():
-            t0 = time.perf_counter()
-            guider.sample(noise, latent, sampler, sigmas, seed=0, disable_pbar=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            elapsed = time.perf_counter() - t0
-        return elapsed / opts.steps, mem.extra
+        with StepTimer(torch, device) as timer, torch.inference_mode():
+            guider.sample(noise, latent, sampler, sigmas, callback=timer.callback, seed=0, disable_pbar=True)
+        return timer.per_step, timer.peak
 
     times = {name: [] for name in routes}
-    peaks = {name: 0 for name in routes}
+    peaks = {name: None for name in routes}
     for name in routes:  # warm-up: loads, caches, first-call costs
         run(name)
     for _ in range(opts.repeats):
         for name in routes:
             step, extra = run(name)
             times[name].append(step)
-            peaks[name] = max(peaks[name], extra)
+            peaks[name] = extra if peaks[name] is None or extra is None else max(peaks[name], extra)
 
     resident = {"PG LoRA pair": lora_pair.delta_bytes(), "PG full pair": full_pair.delta_bytes(),
                 "stock: two UNets": sum(v.numel() * v.element_size() for v in weak_sd.values())}
@@ -210,13 +201,14 @@ def main(argv=None):
           f"({sum(v.numel() for v in base_sd.values()) / 1e6:.1f}M parameters), {size}x{size}, euler, {opts.steps} steps, "
           f"lambda {opts.lam}, omega {opts.omega}, LoRA rank {opts.lora_rank}, median of {opts.repeats}, torch threads {torch.get_num_threads()}")
     print()
-    print("| route | ms / step | ratio to CFG | transient peak (MiB) | extra resident weights (MiB) |")
+    print("| route | ms / step | ratio to CFG | peak GPU memory (MiB) | extra resident weights (MiB) |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for name in routes:
         step = statistics.median(times[name])
         ratio = step / statistics.median(times[baseline[name]])
         extra_resident = next((v for k, v in resident.items() if name.startswith(k)), 0)
-        print(f"| {name} | {step * 1e3:.1f} | {ratio:.2f}x | {peaks[name] / 2**20:.0f} | {extra_resident / 2**20:.1f} |")
+        peak = "n/a (CPU)" if peaks[name] is None else f"{peaks[name] / 2**20:.0f}"
+        print(f"| {name} | {step * 1e3:.1f} | {ratio:.2f}x | {peak} | {extra_resident / 2**20:.1f} |")
 
 
 if __name__ == "__main__":

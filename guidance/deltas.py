@@ -136,11 +136,16 @@ def check_layer(name: str, layer: nn.Module, delta: LayerDelta) -> None:
     if isinstance(delta, LowRankDelta):
         if not isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) or getattr(layer, "groups", 1) != 1:
             raise GuidanceInputError(f"Layer {name} ({type(layer).__name__}) cannot take a low-rank delta.")
-        rank = delta.down.shape[0]
-        fits = delta.up.numel() == delta.up.shape[0] * rank
-        if not fits or delta.up.shape[0] * math.prod(delta.down.shape[1:]) != layer.weight.numel():
+        out_features, rank = layer.weight.shape[0], delta.down.shape[0]
+        fits = (
+            delta.up.shape[0] == out_features
+            and delta.up.numel() == out_features * rank
+            and delta.down.numel() == rank * math.prod(layer.weight.shape[1:])
+        )
+        if not fits:
             raise GuidanceInputError(
-                f"The low-rank delta for {name} does not fit its weight {tuple(layer.weight.shape)}."
+                f"The low-rank delta for {name} (up {tuple(delta.up.shape)}, down {tuple(delta.down.shape)}) "
+                f"does not fit its weight {tuple(layer.weight.shape)}."
             )
         return
     for what, ref, d in (("weight", layer.weight, delta.weight), ("bias", layer.bias, delta.bias)):
@@ -152,23 +157,25 @@ def check_layer(name: str, layer: nn.Module, delta: LayerDelta) -> None:
 def layer_response(layer: nn.Module, x: Tensor, delta: LayerDelta, out_shape: torch.Size) -> Tensor:
     """F_delta(x): ``layer`` applied to ``x`` with ``delta`` as its parameters (no fine-tuned weights).
 
-    ``out_shape`` is the shape of the layer's output for ``x``.
+    ``out_shape`` is the shape of the layer's output for ``x``. An empty DenseDelta
+    has no response: callers skip it (``add_weak_correction``).
     """
     if isinstance(delta, LowRankDelta):
+        # The scale goes on the rank-r intermediate, the smallest tensor on the way.
         down = delta.down.reshape(delta.down.shape[0], *layer.weight.shape[1:])
         if isinstance(layer, nn.Linear):
-            h = F.linear(x, down)
-            return F.linear(h, delta.up.reshape(delta.up.shape[0], -1)) * delta.scale
-        h = layer._conv_forward(x, down, None)
-        up = delta.up.reshape(delta.up.shape[0], delta.up.shape[1], *[1] * (h.dim() - 2))
+            return F.linear(F.linear(x, down) * delta.scale, delta.up.reshape(delta.up.shape[0], -1))
+        h = layer._conv_forward(x, down, None) * delta.scale
+        up = delta.up.reshape(delta.up.shape[0], delta.down.shape[0], *[1] * (h.dim() - 2))
         conv = (F.conv1d, F.conv2d, F.conv3d)[h.dim() - 3]
-        return conv(h, up) * delta.scale
+        return conv(h, up)
     weight, bias = delta.weight, delta.bias
     if weight is None:
-        # Bias only: the response is the bias, broadcast over the output's channel dimension.
-        channel_dim = -1 if isinstance(layer, (nn.Linear, nn.LayerNorm)) else 1
-        view = [1] * len(out_shape)
-        view[channel_dim] = -1
+        # Bias only: the response is the bias, broadcast over the output.
+        if isinstance(layer, (nn.Linear, nn.LayerNorm)):  # channels last (LayerNorm: all normalized dims)
+            view = [1] * (len(out_shape) - bias.dim()) + list(bias.shape)
+        else:  # channels first
+            view = [1, -1] + [1] * (len(out_shape) - 2)
         return bias.view(view).expand(out_shape)
     if isinstance(layer, nn.Linear):
         return F.linear(x, weight, bias)
@@ -179,11 +186,15 @@ def layer_response(layer: nn.Module, x: Tensor, delta: LayerDelta, out_shape: to
     return layer._conv_forward(x, weight, bias)
 
 
-def rows_for_layer(batch_rows: Tensor, batch_size: int, layer_batch: int) -> Tensor:
+Rows = slice | Tensor
+
+
+def rows_for_layer(batch_rows: Rows, batch_size: int, layer_batch: int) -> Rows:
     """The rows of a layer's input that belong to the batch rows ``batch_rows``.
 
-    Layers see the model's batch either as is or with each batch row expanded into
-    consecutive rows (``(b t) ...`` layouts); anything else is an error.
+    Rows are a slice (a contiguous chunk, as ComfyUI batches each cond) or an index
+    tensor. Layers see the model's batch either as is or with each batch row expanded
+    into consecutive rows (``(b t) ...`` layouts); anything else is an error.
     """
     if layer_batch == batch_size:
         return batch_rows
@@ -193,17 +204,26 @@ def rows_for_layer(batch_rows: Tensor, batch_size: int, layer_batch: int) -> Ten
             "this architecture cannot be guided row by row."
         )
     per_row = layer_batch // batch_size
+    if isinstance(batch_rows, slice):
+        return slice(batch_rows.start * per_row, batch_rows.stop * per_row)
     offsets = torch.arange(per_row, device=batch_rows.device)
     return (batch_rows[:, None] * per_row + offsets).flatten()
 
 
-def add_weak_correction(
-    layer: nn.Module, x: Tensor, out: Tensor, delta: LayerDelta, rows: Tensor, coefficient: float
-) -> Tensor:
+def add_weak_correction(layer: nn.Module, x: Tensor, out: Tensor, delta: LayerDelta, rows: Rows, coefficient: float) -> Tensor:
     """``out`` with ``coefficient * F_delta(x)`` added on ``rows``: turns fine-tuned rows into weak rows.
 
     With ``coefficient = omega - 1`` those rows become the output of theta_pre + omega * delta.
+    With a slice of rows the addition is in place (views, no copies) unless ``out``
+    takes part in autograd; with an index tensor it returns a new tensor.
     """
-    x_rows = x.index_select(0, rows)
-    correction = layer_response(layer, x_rows, delta, (x_rows.shape[0], *out.shape[1:])) * coefficient
-    return out.index_add(0, rows, correction.to(out.dtype))
+    if isinstance(delta, DenseDelta) and not delta.tensors():
+        return out
+    x_rows = x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
+    correction = layer_response(layer, x_rows, delta, (x_rows.shape[0], *out.shape[1:])).to(out.dtype)
+    if isinstance(rows, slice):
+        if out.requires_grad:
+            out = out.clone()
+        out[rows].add_(correction, alpha=coefficient)
+        return out
+    return out.index_add(0, rows, correction, alpha=coefficient)

@@ -62,13 +62,13 @@ def plan_evaluations(lambda_p: float, lambda_t: float, omega: float, negative_is
     - ``lambda_p == lambda_t``: the D_ft(n) terms cancel, leaving the two-way estimate.
     - ``lambda_p == 1``: the D_w(null) terms cancel, leaving CFG with negative n.
     - ``omega == 1`` with ``n = null``: D_w(null) is D_ft(n), so one of the two suffices.
-    - ``lambda_t == 0`` (three-way only): D_ft(c) drops out.
+    - ``lambda_t == 0``: D_ft(c) drops out (two-way: D_w(null) alone).
     """
     two_way_form = math.isclose(lambda_p, lambda_t)
     skip_weak = math.isclose(lambda_p, 1.0)
     if two_way_form:
-        # Two-way: lambda == 1 is D_ft(c) alone.
-        return Evaluations(ft_positive=True, ft_negative=False, weak_null=not skip_weak)
+        # Two-way: lambda == 1 is D_ft(c) alone, lambda == 0 is D_w(null) alone.
+        return Evaluations(ft_positive=not math.isclose(lambda_t, 0.0), ft_negative=False, weak_null=not skip_weak)
     if not skip_weak and math.isclose(omega, 1.0) and negative_is_null:
         skip_weak = True
     return Evaluations(
@@ -94,6 +94,8 @@ def combine(
     if not evaluations.ft_negative:
         if not evaluations.weak_null:
             return d_ft_c  # two-way with lambda == 1
+        if not evaluations.ft_positive:
+            return d_w_null  # two-way with lambda == 0
         return two_way(d_ft_c, d_w_null, lambda_t)
     if not evaluations.weak_null:
         # lambda_p == 1, or D_w(null) == D_ft(n): the personalization term vanishes, leaving CFG with negative n.

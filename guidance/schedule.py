@@ -44,7 +44,11 @@ class OmegaSchedule:
     p_end: float = 1.0
 
     def __post_init__(self):
-        object.__setattr__(self, "shape", OmegaShape(self.shape))
+        try:
+            object.__setattr__(self, "shape", OmegaShape(self.shape))
+        except ValueError:
+            shapes = ", ".join(s.value for s in OmegaShape)
+            raise GuidanceInputError(f"Unknown omega schedule {self.shape!r}: choose one of {shapes}.") from None
         for name in ("omega_start", "omega_end", "p_start", "p_end"):
             check_unit_interval(name, getattr(self, name))
         if self.p_start > self.p_end:
@@ -66,6 +70,8 @@ class OmegaSchedule:
 
 def omega_at(schedule: OmegaSchedule, p: float) -> float:
     """omega(p) for progress p in [0, 1]; 1.0 (no unlearning) outside [p_start, p_end]."""
+    if not math.isfinite(p):
+        raise GuidanceInputError(f"Sampling progress must be a finite number, got {p!r}.")
     if p < schedule.p_start or p > schedule.p_end:
         return 1.0
     if schedule.shape == OmegaShape.CONSTANT:

@@ -22,7 +22,9 @@ class WeakModelInterpolator(io.ComfyNode):
                 "copied: the guidance applies it while sampling."
             ),
             inputs=[
-                FinetunedPairSocket.Input("pair"),
+                FinetunedPairSocket.Input(
+                    "pair", tooltip="From Load Fine-tuned Pair or Fine-tuned Pair from Models: base and fine-tuned weights."
+                ),
                 io.Combo.Input(
                     "schedule",
                     options=OmegaShape,

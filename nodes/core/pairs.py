@@ -34,6 +34,29 @@ class PairKind(str, Enum):
     FULL = "full checkpoint"
 
 
+class DeltaWeights(torch.nn.Module):
+    """The pair's delta tensors as (frozen) parameters of one module.
+
+    Wrapped in a ModelPatcher and attached to the fine-tuned MODEL as an additional
+    model, ComfyUI loads them in the same ``load_models_gpu`` call as the model and
+    counts them in its memory budget. The LayerDelta objects hold these very
+    Parameter objects, so they follow the module to whatever device it is moved to.
+    """
+
+    def __init__(self, deltas: dict[str, list[LayerDelta]]):
+        super().__init__()
+        index = 0
+        for layer_deltas in deltas.values():
+            for delta in layer_deltas:
+                for field_name in ("weight", "bias", "up", "down"):
+                    tensor = getattr(delta, field_name, None)
+                    if tensor is not None:
+                        param = torch.nn.Parameter(tensor, requires_grad=False)
+                        self.register_parameter(f"delta_{index}", param)
+                        setattr(delta, field_name, param)
+                        index += 1
+
+
 @dataclass
 class FinetunedPair:
     """The fine-tuned MODEL and delta = theta_ft - theta_pre per layer of its diffusion model.
@@ -48,7 +71,12 @@ class FinetunedPair:
     kind: PairKind
     dense_fallbacks: int = 0
     label: str = ""
-    _device_cache: dict = field(default_factory=dict, repr=False)
+    delta_patcher: comfy.model_patcher.ModelPatcher = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self.delta_patcher = comfy.model_patcher.ModelPatcher(
+            DeltaWeights(self.deltas), load_device=self.finetuned.load_device, offload_device=self.finetuned.offload_device
+        )
 
     def delta_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for ds in self.deltas.values() for d in ds for t in d.tensors())
@@ -112,7 +140,7 @@ def _collect(model: comfy.model_patcher.ModelPatcher, dense: dict[str, torch.Ten
         if dense_delta is None:
             dense_delta = DenseDelta()
             group.append(dense_delta)
-        setattr(dense_delta, param, d)
+        setattr(dense_delta, param, _stored(d, model))
     for key, deltas in low_rank.items():
         layers.setdefault(_split_key(key)[0], []).extend(deltas)
     for layer, deltas in layers.items():
@@ -136,6 +164,13 @@ def pair_from_models(base: comfy.model_patcher.ModelPatcher, finetuned: comfy.mo
     )
     dense = {DIFFUSION_PREFIX + k: d for k, d in delta.items()}
     return FinetunedPair(finetuned=finetuned, deltas=_collect(finetuned, dense, {}), kind=PairKind.FULL)
+
+
+def _stored(delta: torch.Tensor, model: comfy.model_patcher.ModelPatcher) -> torch.Tensor:
+    """A delta formed in fp32, kept in the fine-tuned model's dtype when that is fp16 or bf16 (half the memory);
+    fp32 otherwise (fp32 models, and fp8 models, whose deltas fp8 would not hold)."""
+    dtype = model.model_dtype()
+    return delta.to(dtype) if dtype in (torch.float16, torch.bfloat16) else delta
 
 
 def _pair_from_clone(base: comfy.model_patcher.ModelPatcher, finetuned: comfy.model_patcher.ModelPatcher) -> FinetunedPair:

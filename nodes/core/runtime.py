@@ -119,7 +119,7 @@ class _Run:
 
     def __init__(self, pair: FinetunedPair, diffusion_parent: torch.nn.Module):
         self.coefficient = 0.0
-        self.rows: torch.Tensor | None = None
+        self.rows: list[slice] | None = None  # the weak chunks of the current forward's batch
         self.batch = 0
         self.device_deltas: dict[int, LayerDelta] = {}
         self.handles = []
@@ -134,7 +134,11 @@ class _Run:
         self.device_deltas.clear()
 
     def _on(self, delta: LayerDelta, like: torch.Tensor) -> LayerDelta:
-        """The delta on the device and in the dtype of ``like``, converted once per run."""
+        """The delta on the device and in the dtype of ``like``, converted once per run.
+
+        Normally a no-op: ComfyUI has loaded the deltas with the model. It converts when the
+        model computes in another dtype, or when a low-VRAM load left some of them offloaded.
+        """
         cached = self.device_deltas.get(id(delta))
         if cached is None:
             def move(t):
@@ -151,9 +155,10 @@ class _Run:
             if self.rows is None or self.coefficient == 0.0:
                 return None
             x = args[0]
-            rows = rows_for_layer(self.rows, self.batch, x.shape[0])
-            for delta in deltas:
-                out = add_weak_correction(layer, x, out, self._on(delta, x), rows, self.coefficient)
+            for chunk in self.rows:
+                rows = rows_for_layer(chunk, self.batch, x.shape[0])
+                for delta in deltas:
+                    out = add_weak_correction(layer, x, out, self._on(delta, x), rows, self.coefficient)
             return out
 
         return hook
@@ -191,7 +196,7 @@ class _Runtime:
         if run is None or not weak:
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         per_chunk = x.shape[0] // len(chunks)
-        run.rows = torch.cat([torch.arange(i * per_chunk, (i + 1) * per_chunk) for i in weak]).to(x.device)
+        run.rows = [slice(i * per_chunk, (i + 1) * per_chunk) for i in weak]
         run.batch = x.shape[0]
         try:
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
@@ -259,6 +264,8 @@ def attach(model: comfy.model_patcher.ModelPatcher, config: GuidanceConfig) -> c
     if model.get_wrappers(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, WRAPPER_KEY):
         raise GuidanceInputError("This MODEL already has personalization guidance: apply it once.")
     patched = model.clone()
+    # The delta tensors load with the model, in the same load_models_gpu call, within ComfyUI's memory budget.
+    patched.set_additional_models(WRAPPER_KEY, [config.weak.pair.delta_patcher])
     runtime = _Runtime(config)
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, runtime.outer_sample)
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, WRAPPER_KEY, runtime.predict_noise)

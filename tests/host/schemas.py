@@ -82,7 +82,7 @@ def inputs_of(node_class) -> list[dict[str, Any]]:
 def outputs_of(node_class) -> list[dict[str, str]]:
     types = list(node_class.RETURN_TYPES)
     names = list(getattr(node_class, "RETURN_NAMES", None) or types)
-    return [{"name": name, "type": kind if isinstance(kind, str) else "COMBO"} for name, kind in zip(names, types)]
+    return [{"name": name, "type": kind if isinstance(kind, str) else "COMBO"} for name, kind in zip(names, types, strict=True)]
 
 
 def _mark_file_lists(entry: dict[str, Any], folder_files: dict[str, list[str]]) -> None:
@@ -127,6 +127,7 @@ def snapshot_node_types(pack) -> list[str]:
 def build(node_types: list[str]) -> dict[str, Any]:
     """The snapshot of ``node_types`` from the live ComfyUI (which must be imported and initialized)."""
     import folder_paths
+
     import nodes
 
     folder_files = {
@@ -144,10 +145,12 @@ def dumps(snapshot: dict[str, Any]) -> str:
     """JSON with one line per input and output, so that a regenerated snapshot diffs readably."""
     nodes = []
     for kind, node in snapshot["nodes"].items():
-        inputs = ",\n".join(f"    {json.dumps(i)}" for i in node["inputs"])
-        outputs = ",\n".join(f"    {json.dumps(o)}" for o in node["outputs"])
+        inputs, outputs = (
+            "[" + ",".join(f"\n    {json.dumps(item)}" for item in node[key]) + ("\n   ]" if node[key] else "]")
+            for key in ("inputs", "outputs")
+        )
         nodes.append(
-            f"  {json.dumps(kind)}: {{\n   \"inputs\": [\n{inputs}\n   ],\n   \"outputs\": [\n{outputs}\n   ],\n"
+            f"  {json.dumps(kind)}: {{\n   \"inputs\": {inputs},\n   \"outputs\": {outputs},\n"
             f"   \"output_node\": {json.dumps(node['output_node'])}\n  }}"
         )
     return "{\n" + f" \"about\": {json.dumps(snapshot['about'])},\n \"nodes\": {{\n" + ",\n".join(nodes) + "\n }\n}\n"

@@ -14,7 +14,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 import schemas
 import workflow_api
 
@@ -106,13 +105,37 @@ def test_snapshot_matches_live_comfyui(comfy_host, tiny_files):
         assert recorded["nodes"][kind] == definition, f"{kind} changed in ComfyUI: regenerate (schemas.py)"
 
 
-def test_the_three_examples_are_there():
-    names = {p.name for p in WORKFLOWS}
-    assert {
-        "personalization_lora_sampler_custom_advanced.json",
-        "personalization_full_checkpoint.json",
-        "personalization_ksampler_scheduled_omega.json",
-    } <= names
+def test_interval_that_ends_before_it_starts_fails_validation(comfy_host, tiny_files):
+    workflow = load("personalization_ksampler_scheduled_omega.json")
+    overrides = {**tiny_overrides(tiny_files, "pg_examples/never"),
+                 "PG_WeakModelInterpolator": {"guidance_start": 0.9, "guidance_end": 0.1}}
+    prompt = workflow_api.to_api(workflow, overrides)
+
+    valid, error, outputs, node_errors = validate(prompt)
+
+    assert not valid and outputs == []
+    weak = node_id(workflow, "PG_WeakModelInterpolator")
+    details = [e["details"] for e in node_errors[weak]["errors"]]
+    assert any("guidance_start (0.9) must not be after guidance_end (0.1)" in d for d in details), details
+
+
+def test_negative_in_two_way_fails_before_sampling(comfy_host, executor, tiny_files):
+    # Before the examples run: the full-checkpoint example then finds its loader and prompts in the cache.
+    workflow = load("personalization_full_checkpoint.json")
+    prefix = "pg_examples/two_way_with_negative"
+    two_way = comfy_host.nodes.core.runtime.Estimate.TWO_WAY.value
+    overrides = {**tiny_overrides(tiny_files, prefix), "PG_PersonalizationGuider": {"estimate": two_way}}
+    prompt = workflow_api.to_api(workflow, overrides)
+    assert "negative" in prompt[node_id(workflow, "PG_PersonalizationGuider")]["inputs"]
+
+    run(executor, prompt)
+
+    assert not executor.success
+    (error,) = [data for event, data in executor.status_messages if event == "execution_error"]
+    assert error["node_type"] == "PG_PersonalizationGuider"
+    assert "The two-way estimate has no negative prompt" in error["exception_message"]
+    assert node_id(workflow, "SamplerCustomAdvanced") not in error["executed"]
+    assert saved_pngs(prefix) == []
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
@@ -130,35 +153,3 @@ def test_example_workflow_executes(executor, tiny_files, path):
     assert png.read_bytes()[:8] == PNG_SIGNATURE
     with Image.open(png) as image:
         assert image.size == (SIZE, SIZE)
-
-
-def test_interval_that_ends_before_it_starts_fails_validation(comfy_host, tiny_files):
-    workflow = load("personalization_ksampler_scheduled_omega.json")
-    overrides = {**tiny_overrides(tiny_files, "pg_examples/never"),
-                 "PG_WeakModelInterpolator": {"guidance_start": 0.9, "guidance_end": 0.1}}
-    prompt = workflow_api.to_api(workflow, overrides)
-
-    valid, error, outputs, node_errors = validate(prompt)
-
-    assert not valid and outputs == []
-    weak = node_id(workflow, "PG_WeakModelInterpolator")
-    details = [e["details"] for e in node_errors[weak]["errors"]]
-    assert any("guidance_start (0.9) must not be after guidance_end (0.1)" in d for d in details), details
-
-
-def test_negative_in_two_way_fails_before_sampling(comfy_host, executor, tiny_files):
-    workflow = load("personalization_full_checkpoint.json")
-    prefix = "pg_examples/two_way_with_negative"
-    two_way = comfy_host.nodes.core.runtime.Estimate.TWO_WAY.value
-    overrides = {**tiny_overrides(tiny_files, prefix), "PG_PersonalizationGuider": {"estimate": two_way}}
-    prompt = workflow_api.to_api(workflow, overrides)
-    assert "negative" in prompt[node_id(workflow, "PG_PersonalizationGuider")]["inputs"]
-
-    run(executor, prompt)
-
-    assert not executor.success
-    (error,) = [data for event, data in executor.status_messages if event == "execution_error"]
-    assert error["node_type"] == "PG_PersonalizationGuider"
-    assert "The two-way estimate has no negative prompt" in error["exception_message"]
-    assert node_id(workflow, "SamplerCustomAdvanced") not in error["executed"]
-    assert saved_pngs(prefix) == []
