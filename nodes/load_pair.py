@@ -84,6 +84,13 @@ class LoadFinetunedPair(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, personalization: str, lora_name: str, finetuned_checkpoint: str) -> bool | str:
+        # Naming inputs here turns off ComfyUI's own option checks for them, so this checks them all.
+        if personalization not in [p.value for p in Personalization]:
+            return f"Unknown personalization {personalization!r}."
+        if lora_name != NONE and lora_name not in folder_paths.get_filename_list("loras"):
+            return f"LoRA not found in the loras folder: {lora_name}"
+        if finetuned_checkpoint != NONE and finetuned_checkpoint not in folder_paths.get_filename_list("checkpoints"):
+            return f"Checkpoint not found in the checkpoints folder: {finetuned_checkpoint}"
         if personalization == Personalization.LORA.value and lora_name == NONE:
             return "Personalization is LoRA: choose a lora_name."
         if personalization == Personalization.CHECKPOINT.value and finetuned_checkpoint == NONE:

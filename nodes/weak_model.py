@@ -74,6 +74,10 @@ class WeakModelInterpolator(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, guidance_start: float, guidance_end: float) -> bool | str:
+        # Naming inputs here turns off ComfyUI's own range checks for them, so this checks them too.
+        for name, value in (("guidance_start", guidance_start), ("guidance_end", guidance_end)):
+            if not 0.0 <= value <= 1.0:
+                return f"{name} must be between 0 and 1, got {value!r}."
         if guidance_start > guidance_end:
             return f"guidance_start ({guidance_start:g}) must not be after guidance_end ({guidance_end:g})."
         return True

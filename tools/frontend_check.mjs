@@ -104,7 +104,7 @@ for (const file of fs.readdirSync(WF_DIR).filter((f) => f.endsWith('.json')).sor
     const LG = window.LiteGraph;
     return window.app.graph._nodes.map((n) => ({
       id: n.id, type: n.type, registered: !!LG.registered_node_types[n.type], hasErrors: !!n.has_errors,
-      widgets: (n.widgets || []).map((w) => ({ name: w.name, value: w.value, options: w.options?.values, tooltip: w.tooltip })),
+      widgets: (n.widgets || []).map((w) => ({ name: w.name, value: w.value, options: w.options?.values })),
       serialized: n.serialize().widgets_values, size: [...n.size], minSize: [...n.computeSize()],
     }));
   });
@@ -115,7 +115,7 @@ for (const file of fs.readdirSync(WF_DIR).filter((f) => f.endsWith('.json')).sor
     if (!g) { problems.push(`node ${jn.id} ${jn.type} not in graph`); continue; }
     if (!g.registered) problems.push(`node ${jn.id}: type ${jn.type} not registered`);
     if (g.hasErrors) problems.push(`node ${jn.id}: has_errors`);
-    if (jn.widgets_values && !same(JSON.stringify(g.serialized), JSON.stringify(jn.widgets_values)) && JSON.stringify(g.serialized) !== JSON.stringify(jn.widgets_values))
+    if (jn.widgets_values && JSON.stringify(g.serialized) !== JSON.stringify(jn.widgets_values))
       problems.push(`node ${jn.id} ${jn.type}: serialized widgets_values ${JSON.stringify(g.serialized)} != JSON ${JSON.stringify(jn.widgets_values)}`);
     const exp = expectedWidgets(jn) || {};
     for (const [name, v] of Object.entries(exp)) {
@@ -135,15 +135,16 @@ for (const file of fs.readdirSync(WF_DIR).filter((f) => f.endsWith('.json')).sor
     if (!p) { promptProblems.push(`node ${id} ${e.class_type} missing from prompt`); continue; }
     if (p.class_type !== e.class_type) promptProblems.push(`node ${id}: class_type ${p.class_type} != ${e.class_type}`);
     for (const k of new Set([...Object.keys(e.inputs), ...Object.keys(p.inputs)]))
-      if (!same(p.inputs[k], e.inputs[k]) && JSON.stringify(p.inputs[k]) !== JSON.stringify(e.inputs[k]))
+      if (!same(p.inputs[k], e.inputs[k]))
         promptProblems.push(`node ${id} ${e.class_type}: input ${k} = ${JSON.stringify(p.inputs[k])}, expected ${JSON.stringify(e.inputs[k])}`);
   }
   for (const id of Object.keys(prompt)) if (!expPrompt[id]) promptProblems.push(`unexpected node ${id} in prompt`);
+  if (process.env.PROMPT_DIR) fs.writeFileSync(path.join(process.env.PROMPT_DIR, `${stem}.api.json`), JSON.stringify(prompt, null, 1));
   const pgPrompt = Object.fromEntries(Object.entries(prompt).filter(([, v]) => v.class_type.startsWith('PG_')));
 
   // Screenshot: close dialogs, fit the graph into the canvas.
   await closeDialogs();
-  await page.evaluate(() => {
+  const clip = await page.evaluate(() => {
     const c = window.app.canvas, ns = window.app.graph._nodes, th = window.LiteGraph.NODE_TITLE_HEIGHT;
     let x0 = Infinity, y0 = Infinity, x1 = -Infinity, y1 = -Infinity;
     for (const n of ns) { x0 = Math.min(x0, n.pos[0]); y0 = Math.min(y0, n.pos[1] - th - 14); x1 = Math.max(x1, n.pos[0] + n.size[0]); y1 = Math.max(y1, n.pos[1] + n.size[1]); }
@@ -153,11 +154,14 @@ for (const file of fs.readdirSync(WF_DIR).filter((f) => f.endsWith('.json')).sor
     c.ds.offset[0] = (W - (x1 - x0) * scale) / 2 / scale - x0;
     c.ds.offset[1] = (H - (y1 - y0) * scale) / 2 / scale - y0;
     c.deselectAll?.(); c.setDirty(true, true); c.draw(true, true);
+    const r = c.canvas.getBoundingClientRect(); // clip: the graph's box on screen, without the empty canvas around it
+    return { x: r.left + Math.max(0, (x0 + c.ds.offset[0]) * scale - m), y: r.top + Math.max(0, (y0 + c.ds.offset[1]) * scale - m),
+      width: Math.min(W, (x1 - x0) * scale + 2 * m), height: Math.min(H, (y1 - y0) * scale + 2 * m) };
   });
-  await page.mouse.move(5, 895);
+  await page.mouse.move(1595, 5);
   await sleep(1500);
   const png = path.join(PNG_DIR, `workflow_${stem}.png`);
-  await page.screenshot({ path: png });
+  await page.screenshot({ path: png, clip: { x: Math.floor(clip.x), y: Math.floor(clip.y), width: Math.ceil(clip.width), height: Math.ceil(clip.height) } });
   // Tooltips: hover the title, each input slot and each widget of the pack's nodes; read the frontend's tooltip.
   const tooltips = {};
   const targets = await page.evaluate(() => {
@@ -186,8 +190,22 @@ for (const file of fs.readdirSync(WF_DIR).filter((f) => f.endsWith('.json')).sor
 {
   const ctl = { last_node_id: 1, last_link_id: 0, nodes: [{ id: 1, type: 'PG_NoSuchNode', pos: [0, 0], size: [200, 80], flags: {}, order: 0, mode: 0, properties: {} }], links: [], groups: [], config: {}, extra: {}, version: 0.4 };
   const r = await load(ctl, 'control');
-  console.log('control (unknown node type) dialogs:', r.dialogs);
+  console.log('\ncontrol (unknown node type) dialogs:', r.dialogs);
+  report.control = r.dialogs.some((d) => /missing nodes/i.test(d) && d.includes('PG_NoSuchNode'));
 }
 
 await restoreUi();
 await browser.close();
+
+// Summary; exit status 1 when a workflow failed (an "(info)" line or a missing tooltip alone does not fail it).
+let failed = !report.control;
+console.log('\nSUMMARY');
+if (!report.control) console.log('  control: the missing-nodes dialog did NOT appear for an unknown node type: the check is blind');
+for (const [file, r] of Object.entries(report)) {
+  if (file === 'control') continue;
+  const bad = [...r.dialogs, ...r.consoleErrors, ...r.problems.filter((p) => !p.startsWith('(info)')), ...r.promptProblems];
+  const noTip = Object.entries(r.tooltips).flatMap(([n, t]) => Object.entries(t).filter(([, v]) => !v).map(([w]) => `${n} ${w}`));
+  failed ||= bad.length > 0;
+  console.log(`  ${file}: ${bad.length ? 'FAIL\n    ' + bad.join('\n    ') : 'ok'}${noTip.length ? `  (no tooltip: ${noTip.join(', ')})` : ''}`);
+}
+process.exit(failed ? 1 : 0);

@@ -96,6 +96,11 @@ def test_empty_guidance_interval_is_a_validation_error(nodes):
     message = nodes.weak_model.WeakModelInterpolator.validate_inputs(guidance_start=0.8, guidance_end=0.2)
     assert isinstance(message, str) and "must not be after" in message
     assert nodes.weak_model.WeakModelInterpolator.validate_inputs(guidance_start=0.2, guidance_end=0.8) is True
+    # validate_inputs takes over ComfyUI's range checks for the inputs it names.
+    assert "guidance_start must be between 0 and 1" in nodes.weak_model.WeakModelInterpolator.validate_inputs(
+        guidance_start=-0.5, guidance_end=0.8)
+    assert "guidance_end must be between 0 and 1" in nodes.weak_model.WeakModelInterpolator.validate_inputs(
+        guidance_start=0.2, guidance_end=1.5)
 
 
 def _weak(nodes, pair):
@@ -156,8 +161,13 @@ def test_guidance_applied_twice_is_rejected(nodes, lora_pair, error):
         nodes.model_patch.PersonalizationGuidanceModel.execute(once, weak, "two-way (paper)", 1.0)
 
 
-def test_load_pair_validation_names_the_missing_file(nodes):
+def test_load_pair_validation_names_the_missing_file(nodes, tiny_files):
     node = nodes.load_pair.LoadFinetunedPair
     assert "choose a lora_name" in node.validate_inputs("LoRA", "none", "none")
     assert "choose a finetuned_checkpoint" in node.validate_inputs("fine-tuned checkpoint", "none", "none")
-    assert node.validate_inputs("LoRA", "x.safetensors", "none") is True
+    # validate_inputs takes over ComfyUI's option checks for the inputs it names.
+    assert "LoRA not found in the loras folder: typo.safetensors" in node.validate_inputs("LoRA", "typo.safetensors", "none")
+    assert "Checkpoint not found" in node.validate_inputs("LoRA", tiny_files["lora"], "typo.ckpt")
+    assert "Unknown personalization" in node.validate_inputs("DoRA", tiny_files["lora"], "none")
+    assert node.validate_inputs("LoRA", tiny_files["lora"], "none") is True
+    assert node.validate_inputs("fine-tuned checkpoint", "none", tiny_files["finetuned"]) is True
