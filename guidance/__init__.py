@@ -1,7 +1,9 @@
 """Personalization guidance math: pure torch, no ComfyUI.
 
 The estimates (``estimates``), omega over the run (``schedule``) and weight deltas
-(``deltas``) of SPEC.md. The ComfyUI nodes in ``nodes/`` only wire these.
+(``deltas``) of SPEC.md. The ComfyUI nodes in ``nodes/`` only wire these. For the
+tuning nodes: the run step by step (``steps``), sweep value lists (``sweep``) and
+preset files (``presets``).
 """
 
 from .deltas import (
@@ -18,29 +20,53 @@ from .deltas import (
     weight_delta,
 )
 from .errors import GuidanceInputError
-from .estimates import Evaluations, cfg, check_scale, combine, plan_evaluations, three_way, two_way
+from .estimates import (
+    EstimateWeights,
+    Evaluations,
+    cfg,
+    check_scale,
+    combine,
+    estimate_weights,
+    plan_evaluations,
+    three_way,
+    two_way,
+)
+from .presets import Preset, PresetEstimate, check_preset_name, parse_preset, preset_from_dict
 from .schedule import OmegaSchedule, OmegaShape, check_unit_interval, omega_at
+from .steps import StepGuidance, guidance_per_step
+from .sweep import parse_values, sweep_combinations
 
 __all__ = [
     "DenseDelta",
+    "EstimateWeights",
     "Evaluations",
     "GuidanceInputError",
     "LayerDelta",
     "LowRankDelta",
     "OmegaSchedule",
     "OmegaShape",
+    "Preset",
+    "PresetEstimate",
+    "StepGuidance",
     "add_weak_correction",
     "cfg",
     "check_finite",
     "check_layer",
+    "check_preset_name",
     "check_same_architecture",
     "check_scale",
     "check_unit_interval",
     "combine",
+    "estimate_weights",
+    "guidance_per_step",
     "layer_response",
     "omega_at",
+    "parse_preset",
+    "parse_values",
     "plan_evaluations",
+    "preset_from_dict",
     "rows_for_layer",
+    "sweep_combinations",
     "three_way",
     "two_way",
     "unet_state_dict",

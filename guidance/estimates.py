@@ -110,3 +110,35 @@ def check_scale(name: str, value: float) -> float:
     if not math.isfinite(value) or not SCALE_MIN <= value <= SCALE_MAX:
         raise GuidanceInputError(f"{name} must be between {SCALE_MIN:g} and {SCALE_MAX:g}, got {value!r}.")
     return float(value)
+
+
+@dataclass(frozen=True)
+class EstimateWeights:
+    """The weights an estimate puts on each evaluation: D = sum of weight * prediction. They sum to one.
+
+    ``ft_positive`` multiplies D_ft(x, c), ``ft_negative`` D_ft(x, n), ``weak_null`` D_w(x, null);
+    an evaluation that was skipped has weight zero.
+    """
+
+    ft_positive: float
+    ft_negative: float
+    weak_null: float
+
+
+def estimate_weights(evaluations: Evaluations, lambda_p: float, lambda_t: float) -> EstimateWeights:
+    """The weights ``combine`` applies for these evaluations, branch by branch (the affine form of each estimate).
+
+    Three-way: (1 - lambda_p) D_w(null) + (lambda_p - lambda_t) D_ft(n) + lambda_t D_ft(c); the cancelled forms
+    of ``plan_evaluations`` move a skipped term's weight onto the evaluation that equals it.
+    """
+    if not evaluations.ft_negative:
+        if not evaluations.weak_null:
+            return EstimateWeights(1.0, 0.0, 0.0)
+        if not evaluations.ft_positive:
+            return EstimateWeights(0.0, 0.0, 1.0)
+        return EstimateWeights(lambda_t, 0.0, 1.0 - lambda_t)
+    if not evaluations.weak_null:
+        return EstimateWeights(lambda_t, 1.0 - lambda_t, 0.0) if evaluations.ft_positive else EstimateWeights(0.0, 1.0, 0.0)
+    if not evaluations.ft_positive:
+        return EstimateWeights(0.0, lambda_p, 1.0 - lambda_p)
+    return EstimateWeights(lambda_t, lambda_p - lambda_t, 1.0 - lambda_p)

@@ -7,6 +7,9 @@ from comfy_api.latest import ComfyExtension, io
 from .guider import PersonalizationGuider
 from .load_pair import LoadFinetunedPair, PairFromModels
 from .model_patch import PersonalizationGuidanceModel
+from .presets import LoadPreset, SavePreset
+from .schedule_preview import SchedulePreview
+from .sweep import Sweep
 from .weak_model import WeakModelInterpolator
 
 NODES: list[type[io.ComfyNode]] = [
@@ -15,6 +18,10 @@ NODES: list[type[io.ComfyNode]] = [
     WeakModelInterpolator,
     PersonalizationGuider,
     PersonalizationGuidanceModel,
+    Sweep,
+    SchedulePreview,
+    LoadPreset,
+    SavePreset,
 ]
 
 

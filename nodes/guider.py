@@ -49,7 +49,7 @@ class PersonalizationGuider(io.ComfyNode):
                 ),
                 personalization_scale_input(),
             ],
-            outputs=[io.Guider.Output()],
+            outputs=[io.Guider.Output("guider", tooltip="For SamplerCustomAdvanced's guider input.")],
         )
 
     @classmethod

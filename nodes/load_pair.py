@@ -78,7 +78,7 @@ class LoadFinetunedPair(io.ComfyNode):
                 FinetunedPairSocket.Output("pair", tooltip="Base and fine-tuned weights, for the Weak Model Interpolator."),
                 io.Model.Output("finetuned_model", tooltip="The fine-tuned MODEL: sample with this one."),
                 io.Clip.Output("clip", tooltip="The fine-tuned CLIP: encode the prompt and the empty null prompt."),
-                io.Vae.Output("vae"),
+                io.Vae.Output("vae", tooltip="The VAE of the checkpoint the fine-tuned model came from."),
             ],
         )
 

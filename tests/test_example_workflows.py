@@ -216,9 +216,10 @@ def test_workflow_fits_the_node_definitions(path):
 def test_workflow_has_a_note_and_an_empty_null_prompt(path):
     workflow = load(path)
     assert by_type(workflow, "Note"), "a Note says what to tune"
-    pg = [n for n in workflow["nodes"] if n["type"] in ("PG_PersonalizationGuider", "PG_PersonalizationGuidanceModel")]
+    pg = [n for n in workflow["nodes"]
+          if n["type"] in ("PG_PersonalizationGuider", "PG_PersonalizationGuidanceModel", "PG_Sweep")]
     (node,) = pg
-    if node["type"] == "PG_PersonalizationGuider":
+    if node["type"] != "PG_PersonalizationGuidanceModel":  # the guider and the sweep take null_conditioning
         null = origin_of(workflow, node, "null_conditioning")
     else:
         (sampler,) = by_type(workflow, "KSampler")

@@ -160,7 +160,7 @@ def _custom_advanced_tail(guider: Node) -> tuple[dict[str, Node], list]:
         ("null", "CONDITIONING", "guider", "null_conditioning"),
         ("pair", "finetuned_model", "sigmas", "model"),
         ("noise", "NOISE", "sample", "noise"),
-        ("guider", "GUIDER", "sample", "guider"),
+        ("guider", "guider", "sample", "guider"),
         ("sampler", "SAMPLER", "sample", "sampler"),
         ("sigmas", "SIGMAS", "sample", "sigmas"),
         ("latent", "LATENT", "sample", "latent_image"),
@@ -265,10 +265,132 @@ def ksampler_scheduled_omega() -> Workflow:
     )
 
 
+def tuning_sweep() -> Workflow:
+    return Workflow(
+        nodes={
+            "pair": Node("PG_LoadFinetunedPair", (40, 140), (400, 200),
+                         {"base_checkpoint": BASE, "personalization": "LoRA", "lora_name": LORA, "lora_strength": 1.0}),
+            "weak": Node("PG_WeakModelInterpolator", (520, 140), (420, 200), {"schedule": "constant", "omega": 0.5},
+                         "Weak Model Interpolator (the sweep uses its pair)"),
+            **_prompts(520, 400, negative=False),
+            "noise": Node("RandomNoise", (1010, 470), (320, 90), {"noise_seed": SEED}),
+            "sampler": Node("KSamplerSelect", (1010, 600), (320, 60), {"sampler_name": "euler"}),
+            "sigmas": Node("BasicScheduler", (1010, 700), (320, 110), {"scheduler": "normal", "steps": 20, "denoise": 1.0}),
+            "latent": Node("EmptyLatentImage", (1010, 850), (320, 110), {"width": 512, "height": 512, "batch_size": 1}),
+            "sweep": Node("PG_Sweep", (1010, 140), (340, 300),
+                          {"estimate": TWO_WAY, "omega_values": "0.3, 0.5, 0.7, 1", "lambda_values": "4, 7.5, 11"}),
+            "save_grid": Node("SaveImage", (1400, 140), (520, 560), {"filename_prefix": "pg_sweep_grid"}),
+            "preview_images": Node("PreviewImage", (1400, 740), (520, 300)),
+        },
+        edges=[
+            ("pair", "pair", "weak", "pair"),
+            *_text_edges(False),
+            ("pair", "finetuned_model", "sweep", "model"),
+            ("weak", "weak_model", "sweep", "weak_model"),
+            ("positive", "CONDITIONING", "sweep", "positive"),
+            ("null", "CONDITIONING", "sweep", "null_conditioning"),
+            ("noise", "NOISE", "sweep", "noise"),
+            ("sampler", "SAMPLER", "sweep", "sampler"),
+            ("pair", "finetuned_model", "sigmas", "model"),
+            ("sigmas", "SIGMAS", "sweep", "sigmas"),
+            ("latent", "LATENT", "sweep", "latent_image"),
+            ("pair", "vae", "sweep", "vae"),
+            ("sweep", "grid", "save_grid", "images"),
+            ("sweep", "images", "preview_images", "images"),
+        ],
+        note=(
+            "PG Sweep: every omega (rows) and lambda (columns) from the same noise, in one queue, as a labelled "
+            "grid. Each image is exactly what the Personalization Guider samples with those values.\n\n"
+            "omega_values and lambda_values: numbers separated by commas, at most 8 each (64 images in all). Keep "
+            "omega 1 as the reference row: it is plain CFG on the fine-tuned model.\n\n"
+            "Combinations are sampled one after the other: 4 x 3 here costs 12 runs. Tune at few steps, then "
+            "sample the winner with the Personalization Guider (or save it with PG Save Preset).",
+            (40, 420), (400, 330),
+        ),
+    )
+
+
+def tuning_schedule_preview() -> Workflow:
+    tail, tail_edges = _custom_advanced_tail(
+        Node("PG_PersonalizationGuider", (1010, 140), (320, 270), {"estimate": TWO_WAY, "guidance_scale": 7.5}))
+    return Workflow(
+        nodes={
+            "pair": Node("PG_LoadFinetunedPair", (40, 140), (400, 200),
+                         {"base_checkpoint": BASE, "personalization": "LoRA", "lora_name": LORA, "lora_strength": 1.0}),
+            "weak": Node("PG_WeakModelInterpolator", (520, 140), (420, 200),
+                         {"schedule": "cosine", "omega": 0.2, "omega_end": 1.0, "guidance_start": 0.0,
+                          "guidance_end": 0.8}),
+            **_prompts(520, 400, negative=False),
+            **tail,
+            "schedule_preview": Node("PG_SchedulePreview", (1380, 520), (300, 200),
+                                     {"estimate": TWO_WAY, "guidance_scale": 7.5}),
+            "preview_plot": Node("PreviewImage", (1730, 760), (560, 400)),
+        },
+        edges=[
+            ("pair", "pair", "weak", "pair"), *_text_edges(False), *tail_edges,
+            ("pair", "finetuned_model", "schedule_preview", "model"),
+            ("weak", "weak_model", "schedule_preview", "weak_model"),
+            ("sigmas", "SIGMAS", "schedule_preview", "sigmas"),
+            ("schedule_preview", "plot", "preview_plot", "images"),
+        ],
+        note=(
+            "PG Schedule Preview plots omega(p) at every step of the sigmas, and the weight the estimate puts on "
+            "each prediction, before you sample. Wire it as the guider: same weak model, same sigmas, same "
+            "estimate and scales.\n\n"
+            "Here omega rises (cosine) from 0.2 to 1 over the first 80% of sampling, then stays 1: plain CFG.\n\n"
+            "To look before sampling, mute Save Image (select it, Ctrl+M) and queue: only the plot is made.",
+            (40, 420), (400, 330),
+        ),
+    )
+
+
+def _shipped_preset(name: str) -> dict[str, Any]:
+    return json.loads((ROOT / "presets" / f"{name}.json").read_text())
+
+
+def tuning_preset() -> Workflow:
+    preset = _shipped_preset("sd15_lora")
+    estimate = {"two-way": TWO_WAY, "three-way": THREE_WAY}[preset["estimate"]]
+    tail, tail_edges = _custom_advanced_tail(
+        Node("PG_PersonalizationGuider", (1010, 140), (320, 270),
+             {"estimate": estimate, "guidance_scale": preset["guidance_scale"],
+              "personalization_scale": preset["personalization_scale"]},
+             "Personalization Guider (values of the preset)"))
+    return Workflow(
+        nodes={
+            "pair": Node("PG_LoadFinetunedPair", (40, 140), (400, 200),
+                         {"base_checkpoint": BASE, "personalization": "LoRA", "lora_name": LORA, "lora_strength": 1.0}),
+            "weak": Node("PG_LoadPreset", (520, 140), (420, 130), {"preset": preset["name"]}),
+            **_prompts(520, 400, negative=False),
+            **tail,
+            "save_preset": Node("PG_SavePreset", (40, 800), (400, 420),
+                                {"name": "my_sd15_subject", "description": "sd15_lora with a stronger pull (omega 0.4)",
+                                 "schedule": preset["schedule"], "omega": 0.4, "omega_end": 0.4,
+                                 "guidance_start": preset["guidance_start"], "guidance_end": preset["guidance_end"],
+                                 "estimate": estimate, "guidance_scale": preset["guidance_scale"],
+                                 "personalization_scale": preset["personalization_scale"], "overwrite": True}),
+        },
+        edges=[("pair", "pair", "weak", "pair"), *_text_edges(False), *tail_edges],
+        note=(
+            "PG Load Preset: a named starting point (here sd15_lora, for an SD1.5 subject LoRA) as a weak model with "
+            "the preset's omega schedule. Its estimate, guidance_scale and personalization_scale outputs hold the "
+            "preset's scales: drag them onto the guider's widgets of the same names to follow the preset (here "
+            "they are typed in with the same values).\n\n"
+            "PG Save Preset writes its widgets to ComfyUI/user/personalization_guidance/presets/<name>.json each "
+            "time this runs (overwrite on). Press R to see it in PG Load Preset's list. Rename it for your own "
+            "presets, or delete the node.",
+            (40, 420), (400, 330),
+        ),
+    )
+
+
 WORKFLOWS = {
     "personalization_lora_sampler_custom_advanced": lora_sampler_custom_advanced,
     "personalization_full_checkpoint": full_checkpoint,
     "personalization_ksampler_scheduled_omega": ksampler_scheduled_omega,
+    "tuning_sweep": tuning_sweep,
+    "tuning_schedule_preview": tuning_schedule_preview,
+    "tuning_preset": tuning_preset,
 }
 
 

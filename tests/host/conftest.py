@@ -41,6 +41,7 @@ def comfy_host(tmp_path_factory):
     folder_paths.set_output_directory(str(root / "output"))
     folder_paths.set_temp_directory(str(root / "temp"))
     folder_paths.set_input_directory(str(root / "input"))
+    folder_paths.set_user_directory(str(root / "user"))  # saved presets never touch a real user folder
 
     import nodes
 

@@ -17,7 +17,8 @@ import pytest
 import schemas
 import workflow_api
 
-WORKFLOWS = sorted(schemas.WORKFLOWS_DIR.glob("*.json"))
+# The sampling examples, which save one image each; test_tuning_host.py executes the tuning_* ones.
+WORKFLOWS = sorted(p for p in schemas.WORKFLOWS_DIR.glob("*.json") if not p.stem.startswith("tuning_"))
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SIZE = 64
 

@@ -1,0 +1,44 @@
+"""Guidance step by step: what a run does at each sampling step, for previews.
+
+Per step: omega(p) (SPEC.md, "Omega over the run"), the evaluations the estimate
+needs there, and the weights it puts on them: the same functions the sampling
+runtime calls, so a preview shows what sampling will do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .estimates import EstimateWeights, Evaluations, estimate_weights, plan_evaluations
+from .schedule import OmegaSchedule, omega_at
+
+
+@dataclass(frozen=True)
+class StepGuidance:
+    """One sampling step: its progress p, omega(p), the evaluations made and their weights in the estimate."""
+
+    progress: float
+    omega: float
+    evaluations: Evaluations
+    weights: EstimateWeights
+
+
+def guidance_per_step(
+    schedule: OmegaSchedule,
+    progress: Sequence[float],
+    lambda_p: float,
+    lambda_t: float,
+    negative_is_null: bool,
+) -> list[StepGuidance]:
+    """Each step's omega, evaluations and weights, for the steps at sampling progress ``progress``.
+
+    Two-way is the three-way estimate with ``lambda_p == lambda_t`` (SPEC.md), as in the runtime.
+    ``negative_is_null``: no negative prompt, so n is the null prompt.
+    """
+    steps = []
+    for p in progress:
+        omega = omega_at(schedule, p)
+        evaluations = plan_evaluations(lambda_p, lambda_t, omega, negative_is_null)
+        steps.append(StepGuidance(float(p), omega, evaluations, estimate_weights(evaluations, lambda_p, lambda_t)))
+    return steps

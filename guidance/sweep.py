@@ -1,0 +1,55 @@
+"""The value lists of a sweep over omega and lambda: parsing, range checks, and the cap on its size.
+
+Lists are typed by people into a text widget, so every problem is reported with
+what was typed and how to write it instead.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+
+from .errors import GuidanceInputError
+
+MAX_VALUES = 8  # per list: the grid's rows or columns
+MAX_IMAGES = 64  # combinations times the latent batch size, sampled one combination after the other
+
+_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+_SEPARATORS = re.compile(r"[\s,;]+")
+
+
+def parse_values(name: str, text: str, check: Callable[[str, float], float]) -> tuple[float, ...]:
+    """The numbers of a list like "0.3, 0.5, 0.7", each passed through ``check(name, value)`` (a range check).
+
+    Commas, semicolons or spaces separate the numbers; at most ``MAX_VALUES`` of them, none twice.
+    """
+    items = [item for item in _SEPARATORS.split(text.strip()) if item]
+    example = "write numbers separated by commas, e.g. 0.3, 0.5, 0.7"
+    if not items:
+        raise GuidanceInputError(f"{name} is empty: {example}.")
+    if len(items) > MAX_VALUES:
+        raise GuidanceInputError(f"{name} has {len(items)} values; a sweep takes at most {MAX_VALUES} per list.")
+    values: list[float] = []
+    for item in items:
+        if not _NUMBER.fullmatch(item):
+            raise GuidanceInputError(f"{name}: {item!r} is not a number: {example}.")
+        value = check(name, float(item))
+        if value in values:
+            raise GuidanceInputError(f"{name} lists {value:g} twice: each value makes a row or column of the grid once.")
+        values.append(value)
+    return tuple(values)
+
+
+def sweep_combinations(omegas: Sequence[float], lambdas: Sequence[float], batch_size: int = 1) -> list[tuple[float, float]]:
+    """Every (omega, lambda) pair, omega-major: grid row i is ``omegas[i]``, column j is ``lambdas[j]``.
+
+    Refuses sweeps of more than ``MAX_IMAGES`` images (combinations times ``batch_size``).
+    """
+    count = len(omegas) * len(lambdas)
+    if count * batch_size > MAX_IMAGES:
+        per = f" x latent batch {batch_size}" if batch_size > 1 else ""
+        raise GuidanceInputError(
+            f"The sweep would sample {len(omegas)} omega x {len(lambdas)} lambda values{per} = "
+            f"{count * batch_size} images; at most {MAX_IMAGES}. Shorten a list{' or the batch' if per else ''}."
+        )
+    return [(omega, lam) for omega in omegas for lam in lambdas]

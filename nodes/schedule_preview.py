@@ -1,0 +1,121 @@
+"""PG Schedule Preview: omega and the estimate's weights at every step of the chosen sigmas, before sampling."""
+
+from __future__ import annotations
+
+import torch
+from comfy_api.latest import io
+
+from ..guidance import GuidanceInputError, OmegaShape, StepGuidance, check_scale, guidance_per_step
+from .core.plot import Panel, Series, line_plot
+from .core.runtime import Estimate, progress_of_sigma
+from .inputs import estimate_input, personalization_scale_input, weak_model_input
+from .tuning_inputs import TUNING_CATEGORY, guidance_scale_input
+
+OMEGA_COLOR = (31, 119, 180)
+WEIGHT_COLORS = {"D_ft(c)": (214, 39, 40), "D_ft(n)": (44, 160, 44), "D_w(null)": (148, 103, 189)}
+TABLE_HEADER = "step,sigma,progress,omega,evaluations,weight_ft_c,weight_ft_n,weight_w_null"
+
+
+def step_table(sigmas: list[float], steps: list[StepGuidance]) -> str:
+    """CSV, one line per step: what the plot shows, as numbers."""
+    lines = [TABLE_HEADER]
+    for i, (sigma, step) in enumerate(zip(sigmas, steps, strict=True), start=1):
+        w = step.weights
+        lines.append(f"{i},{sigma:.6g},{step.progress:.6f},{step.omega:.6f},{step.evaluations.count},"
+                     f"{w.ft_positive:.6g},{w.ft_negative:.6g},{w.weak_null:.6g}")
+    return "\n".join(lines) + "\n"
+
+
+def plot_steps(steps: list[StepGuidance], title: str):
+    """The preview: omega per step on top, the weights on the three evaluations below."""
+    ticks = [f"{i}\np {s.progress:.2f}" for i, s in enumerate(steps, start=1)]
+    omega = Panel("omega(p) of the weak model (1: plain CFG, no unlearning)",
+                  (Series("omega", tuple(s.omega for s in steps), OMEGA_COLOR),), y_range=(-0.05, 1.05))
+    weights = Panel(
+        "weight of each prediction in the estimate (they sum to 1; 0: not evaluated)",
+        tuple(Series(label, tuple(getattr(s.weights, field) for s in steps), WEIGHT_COLORS[label])
+              for label, field in (("D_ft(c)", "ft_positive"), ("D_ft(n)", "ft_negative"), ("D_w(null)", "weak_null"))),
+    )
+    return line_plot(title, ticks, "sampling step (p: sampling progress, 0 = first step, 1 = end)", [omega, weights])
+
+
+def image_tensor(image) -> torch.Tensor:
+    """A Pillow RGB image as a ComfyUI IMAGE batch of one: [1, H, W, 3] floats in [0, 1]."""
+    data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    return (data.reshape(1, image.height, image.width, 3).to(torch.float32) / 255.0).contiguous()
+
+
+class SchedulePreview(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PG_SchedulePreview",
+            display_name="PG Schedule Preview",
+            category=TUNING_CATEGORY,
+            description=(
+                "Plots, for every step of the sigmas, omega(p) of the weak model and the weights the estimate puts "
+                "on D_ft(c), D_ft(n) and D_w(null): what the Personalization Guider (or the KSampler patch) will do, "
+                "before sampling. Wire it as the guider is wired. Also outputs the numbers as CSV."
+            ),
+            inputs=[
+                io.Model.Input(
+                    "model",
+                    tooltip="The MODEL you sample with: its noise schedule turns each sigma into sampling progress p.",
+                ),
+                weak_model_input(),
+                io.Sigmas.Input("sigmas", tooltip="The sigmas you sample with (e.g. from BasicScheduler): one point per step."),
+                io.Conditioning.Input(
+                    "negative",
+                    optional=True,
+                    tooltip="Three-way: connect the guider's negative prompt, if it has one. Only whether one is "
+                    "connected matters: without one, n is the null prompt, and steps with omega 1 skip the weak model.",
+                ),
+                estimate_input(),
+                guidance_scale_input(),
+                personalization_scale_input(),
+            ],
+            outputs=[
+                io.Image.Output("plot", tooltip="omega per step, and the weight of each prediction per step."),
+                io.String.Output("table", tooltip="The plotted numbers as CSV, one line per step."),
+            ],
+        )
+
+    @classmethod
+    def execute(
+        cls,
+        model,
+        weak_model,
+        sigmas: torch.Tensor,
+        estimate: str,
+        guidance_scale: float,
+        personalization_scale: float,
+        negative=None,
+    ) -> io.NodeOutput:
+        estimate = Estimate(estimate)
+        check_scale("guidance_scale", guidance_scale)
+        three_way = estimate == Estimate.THREE_WAY
+        if negative is not None and not three_way:
+            raise GuidanceInputError(
+                "The two-way estimate has no negative prompt: set estimate to three-way, or disconnect negative."
+            )
+        lambda_p = check_scale("personalization_scale", personalization_scale) if three_way else guidance_scale
+        values = [float(s) for s in sigmas.flatten()]
+        if len(values) < 2:
+            raise GuidanceInputError("The sigmas hold no sampling step: connect at least two sigmas (steps >= 1).")
+        model_sampling = model.get_model_object("model_sampling")
+        evaluated = values[:-1]  # the last sigma is where sampling ends, not a step
+        progress = [progress_of_sigma(model_sampling, s) for s in evaluated]
+        steps = guidance_per_step(weak_model.schedule, progress, lambda_p, guidance_scale, negative_is_null=negative is None)
+
+        schedule = weak_model.schedule
+        shape = f"{schedule.shape.value} omega {schedule.omega_start:g}"
+        if schedule.shape != OmegaShape.CONSTANT:
+            shape += f" to {schedule.omega_end:g}"
+        if (schedule.p_start, schedule.p_end) != (0.0, 1.0):
+            shape += f" for p in [{schedule.p_start:g}, {schedule.p_end:g}]"
+        scales = f"lambda_t {guidance_scale:g}, lambda_p {lambda_p:g}" if three_way else f"lambda {guidance_scale:g}"
+        counts = sorted({s.evaluations.count for s in steps})
+        title = (f"{estimate.value}: {scales}; {len(steps)} steps, {' or '.join(map(str, counts))} model "
+                 f"evaluations per step\nweak model: {shape}")
+        plot = plot_steps(steps, title)
+        return io.NodeOutput(image_tensor(plot.image), step_table(evaluated, steps))

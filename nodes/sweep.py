@@ -1,0 +1,209 @@
+"""PG Sweep: every combination of omega and lambda values, from the same noise, as a labelled grid.
+
+Each combination is sampled exactly as a Personalization Guider followed by
+SamplerCustomAdvanced and VAEDecode would sample it: the guider is built by the
+guider node itself, the noise is generated once and reused, and the sampler gets
+the noise's seed. Combinations run one after the other, so every image is
+bit-identical to a separate run and peak memory is that of one run. (Batching
+them would need a per-row omega and lambda inside the estimate, and a batched
+forward need not match a single one to the last bit.)
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import comfy.model_management
+import comfy.sample
+import comfy.utils
+import latent_preview
+import torch
+from comfy_api.latest import io
+
+import nodes as comfy_nodes  # ComfyUI's nodes.py (VAEDecode), not this pack's package
+
+from ..guidance import (
+    GuidanceInputError,
+    OmegaSchedule,
+    check_scale,
+    check_unit_interval,
+    parse_values,
+    sweep_combinations,
+)
+from .core.image_grid import labelled_grid
+from .core.runtime import Estimate, WeakModel
+from .guider import PersonalizationGuider
+from .inputs import estimate_input, model_input, personalization_scale_input
+from .sockets import WeakModelSocket
+from .tuning_inputs import TUNING_CATEGORY, guidance_scale_input
+
+
+class SweptScale(str, Enum):
+    """Which of the guider's scales ``lambda_values`` sets."""
+
+    GUIDANCE = "guidance_scale"
+    PERSONALIZATION = "personalization_scale (three-way)"
+
+
+def lambda_name(estimate: Estimate, swept: SweptScale) -> str:
+    """The symbol of the swept scale, for the grid's column labels."""
+    if swept == SweptScale.PERSONALIZATION:
+        return "lambda_p"
+    return "lambda_t" if estimate == Estimate.THREE_WAY else "lambda"
+
+
+def _check_lists(omega_values: str, lambda_values: str, batch_size: int = 1) -> list[tuple[float, float]]:
+    omegas = parse_values("omega_values", omega_values, check_unit_interval)
+    lambdas = parse_values("lambda_values", lambda_values, check_scale)
+    return sweep_combinations(omegas, lambdas, batch_size)
+
+
+class Sweep(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PG_Sweep",
+            display_name="PG Sweep",
+            category=TUNING_CATEGORY,
+            description=(
+                "Samples every combination of the omega and lambda values from the same noise, with any sampler and "
+                "sigmas, and lays the images out in a grid: rows are omega, columns lambda, labelled. Takes what the "
+                "Personalization Guider and SamplerCustomAdvanced take. Combinations are sampled one after the other; "
+                "each image equals what the guider would sample with those values."
+            ),
+            inputs=[
+                model_input(),
+                WeakModelSocket.Input(
+                    "weak_model",
+                    tooltip="From the Weak Model Interpolator. Only its pair is used: each omega value replaces its "
+                    "schedule with a constant omega over the whole run.",
+                ),
+                io.Conditioning.Input("positive", tooltip="The prompt c, encoded with the pair's CLIP."),
+                io.Conditioning.Input(
+                    "null_conditioning",
+                    tooltip="The empty prompt \"\" encoded with the pair's CLIP (a CLIPTextEncode with no text).",
+                ),
+                io.Conditioning.Input(
+                    "negative",
+                    optional=True,
+                    tooltip="Three-way only: the negative prompt n. Leave unconnected to use the null prompt.",
+                ),
+                io.Noise.Input("noise", tooltip="The noise (e.g. RandomNoise): every combination starts from it."),
+                io.Sampler.Input("sampler", tooltip="Any sampler (e.g. KSamplerSelect)."),
+                io.Sigmas.Input("sigmas", tooltip="Any sigmas (e.g. BasicScheduler on the fine-tuned model)."),
+                io.Latent.Input("latent_image", tooltip="The latent to sample (e.g. EmptyLatentImage); its batch is "
+                                "sampled for every combination."),
+                io.Vae.Input("vae", tooltip="Decodes every combination's latent, as VAEDecode does."),
+                estimate_input(),
+                io.String.Input(
+                    "omega_values",
+                    default="0.3, 0.5, 0.7",
+                    tooltip="The grid's rows: omega values from 0 to 1, separated by commas (at most 8). 1 is plain CFG "
+                    "(no personalization guidance): include it as the reference row.",
+                ),
+                io.String.Input(
+                    "lambda_values",
+                    default="5, 7.5, 10",
+                    tooltip="The grid's columns: values from 0 to 100 for the scale that lambda_sweeps names, "
+                    "separated by commas (at most 8). 1 turns the guidance off (the fine-tuned model alone).",
+                ),
+                io.Combo.Input(
+                    "lambda_sweeps",
+                    options=SweptScale,
+                    default=SweptScale.GUIDANCE,
+                    tooltip="Which scale lambda_values sets: guidance_scale (lambda; lambda_t in three-way) or "
+                    "personalization_scale (lambda_p, three-way only). The other keeps its widget's value.",
+                ),
+                guidance_scale_input(
+                    "lambda_t for every combination when lambda_values sweeps the personalization scale; otherwise "
+                    "unused. 1 samples the fine-tuned model on the prompt alone."
+                ),
+                personalization_scale_input(),
+            ],
+            outputs=[
+                io.Image.Output("grid", tooltip="The labelled grid: rows omega, columns lambda. One grid per image of "
+                                "the latent batch."),
+                io.Image.Output("images", tooltip="Every image, row by row (omega-major, then lambda, then batch)."),
+                io.String.Output("labels", tooltip="One line per image of 'images': its omega and lambda."),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, omega_values: str, lambda_values: str, estimate: str, lambda_sweeps: str) -> bool | str:
+        # Naming estimate and lambda_sweeps here turns off ComfyUI's own option check for them: done below.
+        for name, value, enum in (("estimate", estimate, Estimate), ("lambda_sweeps", lambda_sweeps, SweptScale)):
+            if value is not None and value not in {member.value for member in enum}:
+                return f"{name}: {value!r} is not one of {[member.value for member in enum]}."
+        if lambda_sweeps == SweptScale.PERSONALIZATION.value and estimate == Estimate.TWO_WAY.value:
+            return "lambda_values can sweep the personalization scale only with the three-way estimate."
+        if omega_values is None or lambda_values is None:
+            return True  # linked from another node: checked when the sweep runs
+        try:
+            _check_lists(omega_values, lambda_values)
+        except GuidanceInputError as error:
+            return str(error)
+        return True
+
+    @classmethod
+    def execute(
+        cls,
+        model,
+        weak_model: WeakModel,
+        positive,
+        null_conditioning,
+        noise,
+        sampler,
+        sigmas: torch.Tensor,
+        latent_image: dict,
+        vae,
+        estimate: str,
+        omega_values: str,
+        lambda_values: str,
+        lambda_sweeps: str,
+        guidance_scale: float,
+        personalization_scale: float,
+        negative=None,
+    ) -> io.NodeOutput:
+        estimate, swept = Estimate(estimate), SweptScale(lambda_sweeps)
+        if swept == SweptScale.PERSONALIZATION and estimate != Estimate.THREE_WAY:
+            raise GuidanceInputError("lambda_values can sweep the personalization scale only with the three-way estimate.")
+        combinations = _check_lists(omega_values, lambda_values, latent_image["samples"].shape[0])
+
+        # Every guider first, so that any bad input stops the sweep before the first step.
+        guiders = []
+        for omega, lam in combinations:
+            weak = WeakModel(weak_model.pair, OmegaSchedule.constant(omega))
+            scales = (guidance_scale, lam) if swept == SweptScale.PERSONALIZATION else (lam, personalization_scale)
+            guiders.append(PersonalizationGuider.execute(
+                model, weak, positive, null_conditioning, estimate.value, *scales, negative=negative).args[0])
+
+        # What SamplerCustomAdvanced does with its inputs, once for all combinations.
+        latent = latent_image.copy()
+        latent["samples"] = comfy.sample.fix_empty_latent_channels(guiders[0].model_patcher, latent_image["samples"])
+        noise_mask = latent.get("noise_mask")
+        start = noise.generate_noise(latent)
+        steps = sigmas.shape[-1] - 1
+        progress = comfy.utils.ProgressBar(len(guiders) * max(steps, 1))
+        previewer = latent_preview.get_previewer(model.load_device, model.model.latent_format)
+
+        images = []
+        for index, guider in enumerate(guiders):
+            def callback(step, x0, x, total_steps, done=index * steps):
+                preview = previewer.decode_latent_to_preview_image("JPEG", x0) if previewer else None
+                progress.update_absolute(done + step + 1, preview=preview)
+
+            samples = guider.sample(start.clone(), latent["samples"], sampler, sigmas, denoise_mask=noise_mask,
+                                    callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=noise.seed)
+            samples = samples.to(comfy.model_management.intermediate_device())
+            images.append(comfy_nodes.VAEDecode().decode(vae, {**latent, "samples": samples})[0])
+            progress.update_absolute((index + 1) * max(steps, 1))
+
+        symbol = lambda_name(estimate, swept)
+        omegas = list(dict.fromkeys(omega for omega, _ in combinations))
+        lambdas = list(dict.fromkeys(lam for _, lam in combinations))
+        row_labels = [f"omega {omega:g}" for omega in omegas]
+        col_labels = [f"{symbol} {lam:g}" for lam in lambdas]
+        batch = images[0].shape[0]
+        grids = [labelled_grid([image[b] for image in images], row_labels, col_labels)[0] for b in range(batch)]
+        labels = [f"omega {omega:g}, {symbol} {lam:g}" for omega, lam in combinations for _ in range(batch)]
+        return io.NodeOutput(torch.stack(grids), torch.cat(images), "\n".join(labels) + "\n")

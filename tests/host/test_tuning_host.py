@@ -1,0 +1,543 @@
+"""The tuning nodes in a real ComfyUI, on the tiny models: PG Sweep, PG Schedule Preview, PG Load/Save Preset.
+
+- The sweep's images are bit-identical to the Personalization Guider sampled on its
+  own, combination by combination, with the same noise; its grid holds them, labelled.
+- The schedule preview plots the omega the runtime uses at each sigma, and the number
+  of model evaluations that sampling then makes.
+- Presets: the shipped ones load; save then load gives back what was saved; bad names
+  and values are refused before anything is written.
+- The tuning_* example workflows run through ComfyUI's validator and executor.
+
+``PG_WRITE_DOCS=1`` also writes the README pictures docs/sweep_grid_tiny.png and
+docs/schedule_preview.png (tiny random-weight models, so the images are not pretty).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+import comfy.samplers
+import folder_paths
+
+import schemas
+import workflow_api
+
+PACK_DIR = Path(__file__).resolve().parents[2]
+SIZE = 64
+STEPS = 2
+SEED = 5
+
+
+class ServerStub:
+    """What PromptExecutor uses of ComfyUI's PromptServer."""
+
+    def __init__(self):
+        self.client_id = None
+        self.last_node_id = None
+        self.last_prompt_id = None
+        self.sockets_metadata = {}
+        self.messages = []
+
+    def send_sync(self, event, data, sid=None):
+        self.messages.append((event, data))
+
+    def queue_updated(self):
+        pass
+
+
+@pytest.fixture(scope="module")
+def user_dir(comfy_host, tmp_path_factory):
+    """ComfyUI's user directory pointed at a temporary folder for this module (saved presets land there)."""
+    previous = folder_paths.get_user_directory()
+    folder = tmp_path_factory.mktemp("user")
+    folder_paths.set_user_directory(str(folder))
+    yield folder
+    folder_paths.set_user_directory(previous)
+
+
+@pytest.fixture(scope="module")
+def setup(comfy_host, tiny_files):
+    nodes = comfy_host.nodes
+    pair, model, _clip, vae = nodes.load_pair.LoadFinetunedPair.execute(
+        tiny_files["base"], "LoRA", tiny_files["lora"], 1.0, "none").args
+    gen = torch.Generator().manual_seed(11)
+    positive, null, negative = ([[torch.randn(1, 77, 768, generator=gen), {}]] for _ in range(3))
+    return {"nodes": nodes, "guidance": comfy_host.guidance, "pair": pair, "model": model, "vae": vae,
+            "positive": positive, "null": null, "negative": negative}
+
+
+def sampling_inputs(model, sampler_name="euler_ancestral", steps=STEPS):
+    from comfy_extras.nodes_custom_sampler import Noise_RandomNoise
+
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", steps)
+    latent = {"samples": torch.zeros(1, 4, SIZE // 8, SIZE // 8)}
+    return Noise_RandomNoise(SEED), comfy.samplers.sampler_object(sampler_name), sigmas, latent
+
+
+def run_sweep(setup, estimate, omega_values, lambda_values, lambda_sweeps="guidance_scale", negative=None,
+              guidance_scale=7.5, personalization_scale=3.0, latent=None):
+    noise, sampler, sigmas, empty = sampling_inputs(setup["model"])
+    with torch.inference_mode():
+        return setup["nodes"].sweep.Sweep.execute(
+            setup["model"], comfy_weak(setup, 0.5), setup["positive"], setup["null"], noise, sampler, sigmas,
+            latent or empty, setup["vae"], estimate, omega_values, lambda_values, lambda_sweeps, guidance_scale,
+            personalization_scale, negative=negative).args
+
+
+def comfy_weak(setup, omega, **schedule):
+    settings = {"schedule": "constant", "omega": omega, "omega_end": omega, "guidance_start": 0.0,
+                "guidance_end": 1.0, **schedule}
+    return setup["nodes"].weak_model.WeakModelInterpolator.execute(setup["pair"], **settings).args[0]
+
+
+def guider_image(setup, omega, estimate, guidance_scale, personalization_scale, negative=None):
+    """The same combination the way a user samples it: Weak Model Interpolator, guider, SamplerCustomAdvanced, VAEDecode."""
+    from comfy_extras.nodes_custom_sampler import SamplerCustomAdvanced
+
+    import nodes as comfy_nodes
+
+    noise, sampler, sigmas, latent = sampling_inputs(setup["model"])
+    with torch.inference_mode():
+        guider = setup["nodes"].guider.PersonalizationGuider.execute(
+            setup["model"], comfy_weak(setup, omega), setup["positive"], setup["null"], estimate, guidance_scale,
+            personalization_scale, negative=negative).args[0]
+        samples = SamplerCustomAdvanced.execute(noise, guider, sampler, sigmas, latent).args[0]
+        return comfy_nodes.VAEDecode().decode(setup["vae"], samples)[0]
+
+
+def grid_layout(setup, grid, rows, cols):
+    """The layout the sweep drew (same labels, same font) and a check that its size is the grid's."""
+    image_grid = setup["nodes"].core.image_grid
+    font = image_grid.label_font(SIZE, SIZE, cols)
+    layout = image_grid.grid_layout(len(rows), len(cols), SIZE, SIZE, rows, cols, font)
+    assert grid.shape[1:] == (layout.height, layout.width, 3)
+    return layout
+
+
+def assert_labels_drawn(grid, layout):
+    """Every row label's and column label's margin area holds dark (text) pixels; the corner stays white."""
+    for row in range(layout.rows):
+        y, _ = layout.cell(row, 0)
+        assert grid[y : y + layout.cell_height, : layout.left].min() < 0.5, f"row {row} has no label"
+    for col in range(layout.cols):
+        _, x = layout.cell(0, col)
+        assert grid[: layout.top, x : x + layout.cell_width].min() < 0.5, f"column {col} has no label"
+    assert torch.all(grid[: layout.top, : layout.left] == 1.0)
+
+
+# ------------------------------------------------------------------------------------------------ schemas
+
+
+@pytest.mark.parametrize("kind", ["PG_Sweep", "PG_SchedulePreview", "PG_LoadPreset", "PG_SavePreset"])
+def test_every_input_and_output_has_a_tooltip(comfy_host, kind):
+    (node,) = [n for n in comfy_host.nodes.NODES if n.define_schema().node_id == kind]
+    schema = node.define_schema()
+    assert schema.description
+    for item in [*schema.inputs, *schema.outputs]:
+        assert item.tooltip and len(item.tooltip) > 20, (kind, item.id)
+
+
+# ------------------------------------------------------------------------------------------------ sweep
+
+
+@pytest.mark.parametrize(
+    ("estimate", "lambda_sweeps", "negative"),
+    [("two-way (paper)", "guidance_scale", False), ("three-way", "personalization_scale (three-way)", True)],
+    ids=["two-way", "three-way-lambda-p"],
+)
+def test_sweep_images_equal_the_guider_sampled_separately(setup, estimate, lambda_sweeps, negative):
+    negative = setup["negative"] if negative else None
+    omegas, lambdas = (0.3, 1.0), (1.5, 5.0)
+    grid, images, labels = run_sweep(setup, estimate, "0.3, 1", "1.5, 5", lambda_sweeps, negative=negative,
+                                     guidance_scale=6.0, personalization_scale=2.0)
+
+    assert images.shape == (4, SIZE, SIZE, 3)
+    symbol = "lambda" if estimate.startswith("two") else "lambda_p"
+    assert labels.splitlines() == [f"omega {o:g}, {symbol} {lam:g}" for o in omegas for lam in lambdas]
+    for index, (omega, lam) in enumerate((o, lam) for o in omegas for lam in lambdas):
+        scales = (lam, 2.0) if lambda_sweeps == "guidance_scale" else (6.0, lam)
+        expected = guider_image(setup, omega, estimate, *scales, negative=negative)
+        assert torch.equal(images[index : index + 1], expected), (omega, lam)
+    assert not torch.equal(images[0], images[3])
+
+    layout = grid_layout(setup, grid, [f"omega {o:g}" for o in omegas], [f"{symbol} {lam:g}" for lam in lambdas])
+    assert grid.shape[0] == 1 and (layout.rows, layout.cols) == (2, 2)
+    for index in range(4):
+        y, x = layout.cell(*divmod(index, 2))
+        assert torch.equal(grid[0, y : y + SIZE, x : x + SIZE], images[index])
+    assert_labels_drawn(grid[0], layout)
+
+
+def test_sweep_makes_one_grid_per_latent_batch_image(setup):
+    latent = {"samples": torch.zeros(2, 4, SIZE // 8, SIZE // 8)}
+    grid, images, labels = run_sweep(setup, "two-way (paper)", "0.5", "2, 4", latent=latent)
+    assert images.shape == (4, SIZE, SIZE, 3)
+    assert labels.splitlines() == ["omega 0.5, lambda 2"] * 2 + ["omega 0.5, lambda 4"] * 2
+    assert grid.shape[0] == 2
+    layout = grid_layout(setup, grid, ["omega 0.5"], ["lambda 2", "lambda 4"])
+    for b in range(2):
+        for col in range(2):
+            y, x = layout.cell(0, col)
+            assert torch.equal(grid[b, y : y + SIZE, x : x + SIZE], images[2 * col + b])
+
+
+class ForwardCounter:
+    def __init__(self, module):
+        self.calls = []
+        self.handle = module.register_forward_pre_hook(lambda m, args: self.calls.append(args[0].shape[0]))
+
+    def close(self):
+        self.handle.remove()
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"omega_values": "0.3, 1.5"}, "omega_values must be between 0 and 1, got 1.5"),
+        ({"omega_values": "0.3, high"}, "omega_values: 'high' is not a number"),
+        ({"lambda_values": ""}, "lambda_values is empty"),
+        ({"lambda_values": "1, 2, 3, 4, 5, 6, 7, 8, 9"}, "at most 8 per list"),
+        ({"omega_values": "0.1, 0.2, 0.3, 0.4", "lambda_values": "1, 2, 3, 4", "latent": 5},
+         "= 80 images; at most 64"),
+        ({"lambda_sweeps": "personalization_scale (three-way)"},
+         "can sweep the personalization scale only with the three-way estimate"),
+        ({"negative": True}, "The two-way estimate has no negative prompt"),
+    ],
+    ids=["omega-range", "omega-text", "lambda-empty", "lambda-too-many", "too-many-images", "lambda-p-two-way",
+         "negative-two-way"],
+)
+def test_sweep_refuses_bad_input_before_sampling(setup, changes, message):
+    GuidanceInputError = setup["guidance"].GuidanceInputError
+
+    args = {"omega_values": "0.3, 0.7", "lambda_values": "2, 4", "lambda_sweeps": "guidance_scale", **changes}
+    latent = {"samples": torch.zeros(args.pop("latent", 1), 4, SIZE // 8, SIZE // 8)}
+    negative = setup["negative"] if args.pop("negative", False) else None
+    counter = ForwardCounter(setup["pair"].finetuned.model.diffusion_model)
+    try:
+        with pytest.raises(GuidanceInputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            run_sweep(setup, "two-way (paper)", args["omega_values"], args["lambda_values"], args["lambda_sweeps"],
+                      negative=negative, latent=latent)
+    finally:
+        counter.close()
+    assert counter.calls == []
+
+
+def test_sweep_validation_reports_the_list_problem(setup):
+    validate = setup["nodes"].sweep.Sweep.validate_inputs
+    assert validate("0.3, 0.5", "5, 7.5", "two-way (paper)", "guidance_scale") is True
+    assert validate(None, None, "two-way (paper)", "guidance_scale") is True  # linked: checked when it runs
+    assert "is not a number" in validate("0.3; x", "5", "two-way (paper)", "guidance_scale")
+    assert "three-way" in validate("0.3", "5", "two-way (paper)", "personalization_scale (three-way)")
+    assert "is not one of" in validate("0.3", "5", "four-way", "guidance_scale")
+
+
+# ----------------------------------------------------------------------------------------- schedule preview
+
+
+def read_table(text: str) -> list[dict[str, float]]:
+    return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(io.StringIO(text))]
+
+
+@pytest.mark.parametrize("estimate", ["two-way (paper)", "three-way"])
+def test_schedule_preview_plots_the_omega_and_evaluations_of_sampling(setup, estimate):
+    nodes = setup["nodes"]
+    weak = comfy_weak(setup, 0.1, schedule="cosine", omega_end=0.9, guidance_start=0.2, guidance_end=0.7)
+    model_sampling = setup["model"].get_model_object("model_sampling")
+    sigmas = comfy.samplers.calculate_sigmas(model_sampling, "normal", 8)
+    plot, table = nodes.schedule_preview.SchedulePreview.execute(
+        setup["model"], weak, sigmas, estimate, 5.0, 2.0).args
+
+    assert plot.shape == (1, 512, 768, 3) and plot.dtype == torch.float32
+    rows = read_table(table)
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    for row, sigma in zip(rows, sigmas[:-1].tolist(), strict=True):
+        assert row["sigma"] == pytest.approx(sigma, rel=1e-5)
+        expected = cosine_omega(progress(model_sampling, sigma), 0.1, 0.9, 0.2, 0.7)
+        assert row["omega"] == pytest.approx(expected, abs=1e-5)
+        assert row["weight_ft_c"] + row["weight_ft_n"] + row["weight_w_null"] == pytest.approx(1.0)
+    assert rows[0]["omega"] == 1.0 and rows[-1]["omega"] == 1.0  # outside [0.2, 0.7]
+
+    # What sampling with the guider then does: one forward per step, with as many rows as evaluations.
+    guider = nodes.guider.PersonalizationGuider.execute(setup["model"], weak, setup["positive"], setup["null"],
+                                                        estimate, 5.0, 2.0).args[0]
+    noise, sampler, _, latent = sampling_inputs(setup["model"], "euler")
+    counter = ForwardCounter(setup["pair"].finetuned.model.diffusion_model)
+    try:
+        with torch.inference_mode():
+            guider.sample(noise.generate_noise(latent), latent["samples"], sampler, sigmas, seed=SEED)
+    finally:
+        counter.close()
+    assert counter.calls == [int(r["evaluations"]) for r in rows]
+
+    # The plotted points: at the omega of each step, in the series' colour.
+    steps = nodes.schedule_preview.guidance_per_step(
+        weak.schedule, [r["progress"] for r in rows], 2.0 if estimate == "three-way" else 5.0, 5.0, True)
+    drawn = nodes.schedule_preview.plot_steps(steps, "title")
+    pixels = drawn.image.load()
+    color = nodes.schedule_preview.OMEGA_COLOR
+    points = drawn.points["omega"]
+    assert all(pixels[x, y] == color for x, y in points)
+    top, bottom = min(y for _, y in points), max(y for _, y in points)
+    lo, hi = min(r["omega"] for r in rows), max(r["omega"] for r in rows)
+    for (_, y), row in zip(points, rows, strict=True):  # y is affine in omega, higher omega higher up
+        assert y == pytest.approx(bottom - (row["omega"] - lo) / (hi - lo) * (bottom - top), abs=1.0)
+
+
+def progress(model_sampling, sigma: float) -> float:
+    """p of a sigma, another way than the runtime's bisection: the fractional timestep t at which the model's
+    log-sigma table, interpolated linearly (as ModelSamplingDiscrete.sigma does), reaches log(sigma); p = 1 - t/999."""
+    import numpy as np
+
+    log_sigmas = model_sampling.log_sigmas.double().numpy()
+    t = np.interp(np.log(sigma), log_sigmas, np.arange(len(log_sigmas)))
+    return 1.0 - float(t) / (len(log_sigmas) - 1)
+
+
+def cosine_omega(p, start, end, p_start, p_end):
+    """SPEC.md's cosine shape, written out: omega_start at p_start to omega_end at p_end, 1 outside."""
+    import math
+
+    if p < p_start or p > p_end:
+        return 1.0
+    t = (p - p_start) / (p_end - p_start)
+    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def test_schedule_preview_refuses_a_negative_in_two_way_and_empty_sigmas(setup):
+    GuidanceInputError = setup["guidance"].GuidanceInputError
+
+    preview = setup["nodes"].schedule_preview.SchedulePreview.execute
+    weak = comfy_weak(setup, 0.5)
+    sigmas = torch.tensor([14.6, 0.0])
+    with pytest.raises(GuidanceInputError, match="two-way estimate has no negative"):
+        preview(setup["model"], weak, sigmas, "two-way (paper)", 5.0, 2.0, negative=setup["negative"])
+    with pytest.raises(GuidanceInputError, match="hold no sampling step"):
+        preview(setup["model"], weak, torch.tensor([0.0]), "two-way (paper)", 5.0, 2.0)
+
+
+# --------------------------------------------------------------------------------------------------- presets
+
+
+def test_shipped_presets_load_as_weak_models(setup, user_dir):
+    parse_preset = setup["guidance"].parse_preset
+
+    nodes = setup["nodes"]
+    options = nodes.presets.LoadPreset.define_schema().inputs[1].options
+    shipped = sorted(p.stem for p in (PACK_DIR / "presets").glob("*.json"))
+    assert options[: len(shipped)] == shipped and {"sd15_lora", "sdxl_lora"} <= set(shipped)
+    for name in shipped:
+        preset = parse_preset((PACK_DIR / "presets" / f"{name}.json").read_bytes())
+        weak, estimate, guidance_scale, personalization_scale = nodes.presets.LoadPreset.execute(setup["pair"], name).args
+        assert weak.pair is setup["pair"] and weak.schedule == preset.omega_schedule()
+        assert estimate == {"two-way": "two-way (paper)", "three-way": "three-way"}[preset.estimate.value]
+        assert (guidance_scale, personalization_scale) == (preset.guidance_scale, preset.personalization_scale)
+
+
+SAVED = {"name": "dog v2", "description": "  for the dog LoRA  ", "schedule": "linear", "omega": 0.25,
+         "omega_end": 0.75, "guidance_start": 0.1, "guidance_end": 0.9, "estimate": "three-way",
+         "guidance_scale": 6.5, "personalization_scale": 2.5, "overwrite": False}
+
+
+def test_save_then_load_gives_back_the_values(setup, user_dir):
+    GuidanceInputError = setup["guidance"].GuidanceInputError
+    OmegaSchedule = setup["guidance"].OmegaSchedule
+
+    nodes = setup["nodes"]
+    save, load = nodes.presets.SavePreset, nodes.presets.LoadPreset
+    save.execute(**SAVED)
+    path = user_dir / "personalization_guidance" / "presets" / "dog v2.json"
+    assert json.loads(path.read_text())["description"] == "for the dog LoRA"
+    assert "dog v2" in load.define_schema().inputs[1].options
+    fingerprint = load.fingerprint_inputs("dog v2")
+
+    weak, estimate, guidance_scale, personalization_scale = load.execute(setup["pair"], "dog v2").args
+    assert weak.schedule == OmegaSchedule("linear", 0.25, 0.75, 0.1, 0.9)
+    assert (estimate, guidance_scale, personalization_scale) == ("three-way", 6.5, 2.5)
+
+    with pytest.raises(GuidanceInputError, match="A preset named 'dog v2' exists"):
+        save.execute(**{**SAVED, "omega": 0.5})
+    assert load.fingerprint_inputs("dog v2") == fingerprint
+    save.execute(**{**SAVED, "omega": 0.5, "overwrite": True})
+    assert load.fingerprint_inputs("dog v2") != fingerprint
+    assert load.execute(setup["pair"], "dog v2").args[0].schedule.omega_start == 0.5
+    assert [p.name for p in path.parent.iterdir()] == ["dog v2.json"]  # no temporary file left behind
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"name": "../escape"}, "Preset name '../escape' is not allowed"),
+        ({"name": "a/b"}, "is not allowed"),
+        ({"name": "sd15_lora"}, "'sd15_lora' is a shipped preset"),
+        ({"guidance_start": 0.9, "guidance_end": 0.1}, "The guidance interval is empty"),
+        ({"omega": 1.5}, "omega must be between 0 and 1, got 1.5"),
+        ({"description": "x" * 1001}, "longer than 1000 characters"),
+    ],
+)
+def test_save_refuses_bad_presets_and_writes_nothing(setup, user_dir, tmp_path, changes, message):
+    GuidanceInputError = setup["guidance"].GuidanceInputError
+
+    before = sorted(p for p in user_dir.rglob("*"))
+    with pytest.raises(GuidanceInputError, match=message):
+        setup["nodes"].presets.SavePreset.execute(**{**SAVED, "name": "refused", **changes})
+    assert sorted(p for p in user_dir.rglob("*")) == before
+    assert not (user_dir / "personalization_guidance" / "escape.json").exists()
+
+
+def test_save_validation_names_the_problem(setup):
+    validate = setup["nodes"].presets.SavePreset.validate_inputs
+    assert validate("fine name", 0.0, 1.0) is True
+    assert "not allowed" in validate("..", 0.0, 1.0)
+    assert "shipped preset" in validate("sdxl_lora", 0.0, 1.0)
+    assert "must not be after" in validate("fine", 0.8, 0.2)
+
+
+def test_a_broken_user_preset_fails_with_its_file_and_reason(setup, user_dir):
+    GuidanceInputError = setup["guidance"].GuidanceInputError
+
+    folder = user_dir / "personalization_guidance" / "presets"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "broken.json").write_text('{"version": 1, "name": "broken", "omega": "__import__(\'os\')"}')
+    try:
+        assert "broken" in setup["nodes"].presets.LoadPreset.define_schema().inputs[1].options
+        with pytest.raises(GuidanceInputError, match=r"broken.json: missing key\(s\)"):
+            setup["nodes"].presets.LoadPreset.execute(setup["pair"], "broken")
+        with pytest.raises(GuidanceInputError, match="There is no preset named 'gone'"):
+            setup["nodes"].presets.LoadPreset.execute(setup["pair"], "gone")
+    finally:
+        (folder / "broken.json").unlink()
+
+
+# ------------------------------------------------------------------------------------------ example workflows
+
+
+@pytest.fixture(scope="module")
+def executor(comfy_host):
+    import execution
+
+    return execution.PromptExecutor(ServerStub(), cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0})
+
+
+def workflow_prompt(tiny_files, name: str, prefix: str, **extra) -> tuple[dict, dict]:
+    workflow = json.loads((schemas.WORKFLOWS_DIR / f"{name}.json").read_text())
+    swap = {"base": lambda n: tiny_files["base"], "lora": lambda n: n if n == "none" else tiny_files["lora"]}
+    overrides = {
+        "PG_LoadFinetunedPair": {"base_checkpoint": swap["base"], "lora_name": swap["lora"]},
+        "BasicScheduler": {"steps": STEPS},
+        "EmptyLatentImage": {"width": SIZE, "height": SIZE, "batch_size": 1},
+        "SaveImage": {"filename_prefix": prefix},
+        **extra,
+    }
+    return workflow, workflow_api.to_api(workflow, overrides)
+
+
+def execute(executor, prompt) -> dict:
+    import execution
+
+    valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(str(uuid.uuid4()), prompt, None))
+    assert valid, (error, node_errors)
+    executor.execute(prompt, str(uuid.uuid4()), {}, outputs)
+    errors = [data for event, data in executor.status_messages if event == "execution_error"]
+    assert executor.success and not errors, errors
+    return executor.history_result["outputs"]
+
+
+def output_images(outputs: dict, node: str) -> list:
+    from PIL import Image
+
+    found = []
+    for item in outputs[node]["images"]:
+        folder = folder_paths.get_output_directory() if item["type"] == "output" else folder_paths.get_temp_directory()
+        with Image.open(Path(folder, item["subfolder"], item["filename"])) as image:
+            found.append(image.copy())
+    return found
+
+
+def node_of(workflow: dict, kind: str) -> str:
+    (found,) = [n["id"] for n in workflow["nodes"] if n["type"] == kind]
+    return str(found)
+
+
+def test_sweep_workflow_executes(setup, executor, tiny_files):
+    workflow, prompt = workflow_prompt(tiny_files, "tuning_sweep", "pg_tuning/sweep",
+                                       PG_Sweep={"omega_values": "0.5, 1", "lambda_values": "3, 7.5"})
+    outputs = execute(executor, prompt)
+    (grid,) = output_images(outputs, node_of(workflow, "SaveImage"))
+    singles = output_images(outputs, node_of(workflow, "PreviewImage"))
+    assert len(singles) == 4 and all(image.size == (SIZE, SIZE) for image in singles)
+    layout = grid_layout(setup, torch.zeros(1, grid.height, grid.width, 3), ["omega 0.5", "omega 1"],
+                         ["lambda 3", "lambda 7.5"])
+    assert grid.size == (layout.width, layout.height)
+
+
+def test_sweep_workflow_with_a_bad_list_fails_validation(setup, tiny_files):
+    import execution
+
+    workflow, prompt = workflow_prompt(tiny_files, "tuning_sweep", "pg_tuning/never",
+                                       PG_Sweep={"omega_values": "0.5, 2"})
+    valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(str(uuid.uuid4()), prompt, None))
+    assert not valid
+    details = [e["details"] for e in node_errors[node_of(workflow, "PG_Sweep")]["errors"]]
+    assert any("omega_values must be between 0 and 1, got 2.0" in d for d in details), details
+
+
+def test_schedule_preview_workflow_executes(setup, executor, tiny_files):
+    workflow, prompt = workflow_prompt(tiny_files, "tuning_schedule_preview", "pg_tuning/preview")
+    outputs = execute(executor, prompt)
+    (plot,) = output_images(outputs, node_of(workflow, "PreviewImage"))
+    (image,) = output_images(outputs, node_of(workflow, "SaveImage"))
+    assert plot.size == (768, 512) and image.size == (SIZE, SIZE)
+
+
+def test_preset_workflow_executes_and_saves_a_preset(setup, executor, tiny_files, user_dir):
+    parse_preset = setup["guidance"].parse_preset
+
+    workflow, prompt = workflow_prompt(tiny_files, "tuning_preset", "pg_tuning/preset")
+    outputs = execute(executor, prompt)
+    (image,) = output_images(outputs, node_of(workflow, "SaveImage"))
+    assert image.size == (SIZE, SIZE)
+    saved = user_dir / "personalization_guidance" / "presets" / "my_sd15_subject.json"
+    preset = parse_preset(saved.read_bytes())
+    assert preset.omega == 0.4 and preset.name == "my_sd15_subject"
+
+
+def test_preset_outputs_wire_into_the_guider_widgets(setup, executor, tiny_files):
+    # What the preset example's note suggests: the preset's estimate and scales linked to the guider's widgets.
+    workflow, prompt = workflow_prompt(tiny_files, "tuning_preset", "pg_tuning/preset_linked",
+                                       PG_LoadPreset={"preset": "sd15_dreambooth"})
+    preset, guider = node_of(workflow, "PG_LoadPreset"), node_of(workflow, "PG_PersonalizationGuider")
+    for slot, name in enumerate(("estimate", "guidance_scale", "personalization_scale"), start=1):
+        prompt[guider]["inputs"][name] = [preset, slot]
+    del prompt[node_of(workflow, "PG_SavePreset")]
+    outputs = execute(executor, prompt)
+    (image,) = output_images(outputs, node_of(workflow, "SaveImage"))
+    assert image.size == (SIZE, SIZE)
+
+
+# ------------------------------------------------------------------------------------------- README pictures
+
+
+@pytest.mark.skipif(not os.environ.get("PG_WRITE_DOCS"), reason="set PG_WRITE_DOCS=1 to write the README pictures")
+def test_write_readme_pictures(setup):
+    from PIL import Image
+
+    docs = PACK_DIR / "docs"
+    docs.mkdir(exist_ok=True)
+    grid = run_sweep(setup, "two-way (paper)", "0.2, 0.5, 1", "1, 4, 8")[0]
+    nodes = setup["nodes"]
+    weak = comfy_weak(setup, 0.2, schedule="cosine", omega_end=1.0, guidance_start=0.0, guidance_end=0.8)
+    sigmas = comfy.samplers.calculate_sigmas(setup["model"].get_model_object("model_sampling"), "normal", 20)
+    plot = nodes.schedule_preview.SchedulePreview.execute(setup["model"], weak, sigmas, "three-way", 7.5, 3.0).args[0]
+    for tensor, name in ((grid[0], "sweep_grid_tiny.png"), (plot[0], "schedule_preview.png")):
+        pixels = (tensor * 255).round().clamp(0, 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(docs / name, optimize=True)
+        assert (docs / name).stat().st_size < 200_000
