@@ -78,9 +78,13 @@ def main(argv=None):
     parser.add_argument("--lambda", dest="lam", type=float, default=5.0)
     parser.add_argument("--omega", type=float, default=0.5)
     parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     opts = parser.parse_args(argv)
 
     import torch
+
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
 
     pack = load_host(cpu=not torch.cuda.is_available())
     import comfy.hooks
