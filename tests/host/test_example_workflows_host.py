@@ -23,29 +23,12 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SIZE = 64
 
 
-class ServerStub:
-    """What PromptExecutor and its progress handler use of ComfyUI's PromptServer; records the messages."""
-
-    def __init__(self):
-        self.client_id = None
-        self.last_node_id = None
-        self.last_prompt_id = None
-        self.sockets_metadata = {}
-        self.messages = []
-
-    def send_sync(self, event, data, sid=None):
-        self.messages.append((event, data))
-
-    def queue_updated(self):
-        pass
-
-
 @pytest.fixture(scope="module")
 def executor(comfy_host):
     """One executor for the module, as a running ComfyUI has: loader outputs are cached between the prompts."""
     import execution
 
-    return execution.PromptExecutor(ServerStub(), cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0})
+    return execution.PromptExecutor(workflow_api.ServerStub(), cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0})
 
 
 def tiny_overrides(tiny_files, prefix: str) -> workflow_api.Overrides:

@@ -37,23 +37,6 @@ STEPS = 2
 SEED = 5
 
 
-class ServerStub:
-    """What PromptExecutor uses of ComfyUI's PromptServer."""
-
-    def __init__(self):
-        self.client_id = None
-        self.last_node_id = None
-        self.last_prompt_id = None
-        self.sockets_metadata = {}
-        self.messages = []
-
-    def send_sync(self, event, data, sid=None):
-        self.messages.append((event, data))
-
-    def queue_updated(self):
-        pass
-
-
 @pytest.fixture(scope="module")
 def user_dir(comfy_host, tmp_path_factory):
     """ComfyUI's user directory pointed at a temporary folder for this module (saved presets land there)."""
@@ -424,7 +407,7 @@ def test_a_broken_user_preset_fails_with_its_file_and_reason(setup, user_dir):
 def executor(comfy_host):
     import execution
 
-    return execution.PromptExecutor(ServerStub(), cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0})
+    return execution.PromptExecutor(workflow_api.ServerStub(), cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0})
 
 
 def workflow_prompt(tiny_files, name: str, prefix: str, **extra) -> tuple[dict, dict]:

@@ -55,3 +55,20 @@ def to_api(workflow: dict[str, Any], overrides: Overrides | None = None) -> dict
             inputs[name] = value(inputs[name]) if callable(value) else copy.deepcopy(value)
         prompt[str(node["id"])] = {"class_type": kind, "inputs": inputs, "_meta": {"title": node.get("title", kind)}}
     return prompt
+
+
+class ServerStub:
+    """What ComfyUI's PromptExecutor and its progress handler use of the PromptServer; records the messages."""
+
+    def __init__(self):
+        self.client_id = None
+        self.last_node_id = None
+        self.last_prompt_id = None
+        self.sockets_metadata = {}
+        self.messages = []
+
+    def send_sync(self, event, data, sid=None):
+        self.messages.append((event, data))
+
+    def queue_updated(self):
+        pass
