@@ -20,7 +20,7 @@ class Config:
     drop_slot: float = 0.1  # each content slot of a caption left empty
     drop_prompt: float = 0.15  # whole caption dropped to the null prompt (for CFG)
     # Personalization (DreamBooth without prior preservation).
-    context: str = "forest"  # the one background the subject's photos show
+    context: str = "beach"  # the one background the subject's photos show
     photos: int = 5
     ft_steps: int = 300
     ft_batch: int = 16
@@ -34,7 +34,7 @@ class Config:
     sigma_max: float = 20.0
     seeds: int = 12  # pictures per prompt, the same noise for every method
     lambdas: tuple[float, ...] = (1.5, 2.0, 3.0, 4.5, 7.0)
-    omegas: tuple[float, ...] = (0.0, 0.5, 0.75, 0.85, 0.9, 0.95)
+    omegas: tuple[float, ...] = (0.0, 0.5, 0.75, 0.9, 0.95)
     three_way_omega: float = 0.5
     three_way_lambda_p: tuple[float, ...] = (1.5, 3.0)
     drift_lambda: float = 3.0  # CFG scale for the check on prompts without the subject

@@ -81,7 +81,7 @@ def run_setting(setting: Setting, pair: ModelPair, tokens: Tensor, new: Tensor, 
         bg: float(success[tokens[:, 3] == i + 1].float().mean()) for i, bg in enumerate(world.BACKGROUNDS)
     }
     groups = [images[i : i + config.seeds] for i in range(0, len(images), config.seeds)]
-    new_groups = [g for g, is_new in zip(groups, new[:: config.seeds].tolist()) if is_new]
+    new_groups = [g for g, is_new in zip(groups, new[:: config.seeds].tolist(), strict=True) if is_new]
     s = setting.schedule
     row = {
         "method": setting.method.value,

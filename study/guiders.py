@@ -7,7 +7,7 @@ A ``ModelPair`` gives the three predictions the methods need:
   ``omega = 0`` is the base model, ``omega = 1`` the fine-tuned model.
 
 ``FullPair`` forms delta with ``guidance.weight_delta`` and evaluates the weak model
-with interpolated weights; ``LoraPair`` sets the LoRA's strength to ``omega * s``.
+with interpolated weights; ``LoraPair`` evaluates the LoRA at strength ``omega * s``.
 
 A ``Setting`` names a method and its scales; ``denoiser(setting, pair, tokens)``
 returns the guided D(x, sigma, p) for the sampler. The estimates themselves are the

@@ -66,7 +66,7 @@ def context_alignment(images: Tensor, background: Tensor) -> Tensor:
 
 
 def _placements(sizes: range) -> tuple[Tensor, Tensor, Tensor]:
-    x0, y0, s = zip(*[(x, y, s) for s in sizes for x, y in itertools.product(range(world.RES - s + 1), repeat=2)])
+    x0, y0, s = zip(*[(x, y, s) for s in sizes for x, y in itertools.product(range(world.RES - s + 1), repeat=2)], strict=True)
     return torch.tensor(x0), torch.tensor(y0), torch.tensor(s)
 
 

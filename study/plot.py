@@ -39,14 +39,14 @@ def frontier(results: dict, path: Path) -> None:
     fig, axes = plt.subplots(len(FIDELITIES), len(models), figsize=(5.5 * len(models), 4.6 * len(FIDELITIES)),
                              squeeze=False)
     for row, (key, ylabel) in enumerate(FIDELITIES):
-        for ax, name in zip(axes[row], models):
+        for ax, name in zip(axes[row], models, strict=True):
             rows = results["models"][name]["settings"]
             for method, colour in COLOURS.items():
                 pts = [(r["alignment"], r[key]) for r in rows if r["method"] == method]
                 if not pts:
                     continue
-                ax.scatter(*zip(*pts), s=12, color=colour, alpha=0.35, linewidths=0)
-                ax.plot(*zip(*pareto(pts)), "-o", color=colour, markersize=4, label=method)
+                ax.scatter(*zip(*pts, strict=True), s=12, color=colour, alpha=0.35, linewidths=0)
+                ax.plot(*zip(*pareto(pts), strict=True), "-o", color=colour, markersize=4, label=method)
             ft = next(r for r in rows if r["method"] == Method.FINETUNED.value)
             ax.plot(ft["alignment"], ft[key], "k*", markersize=12, label="fine-tuned, no guidance")
             ax.set_title(f"{name}: new contexts")
@@ -67,8 +67,8 @@ def sample_grid(rows: dict[str, Tensor], path: Path, title: str) -> None:
     n_rows = len(rows)
     n_cols = max(len(v) for v in rows.values())
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(0.7 * n_cols + 2.6, 0.75 * n_rows + 0.4), squeeze=False)
-    for ax_row, (label, images) in zip(axes, rows.items()):
-        for ax, image in zip(ax_row, images):
+    for ax_row, (label, images) in zip(axes, rows.items(), strict=True):
+        for ax, image in zip(ax_row, images, strict=False):
             ax.imshow(image.permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
         for ax in ax_row:
             ax.set_xticks([])

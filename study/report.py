@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from . import world
 from .guiders import Method
 
 PG_METHODS = (Method.TWO_WAY.value, Method.SCHEDULED.value, Method.THREE_WAY.value)
@@ -19,6 +20,10 @@ def _fidelity_at(rows: list[dict], method: str, level: float) -> float | None:
     """The best fidelity ``method`` reaches with alignment at least ``level`` (a point on its frontier)."""
     values = [r["fidelity"] for r in rows if r["method"] == method and r["alignment"] >= level]
     return max(values, default=None)
+
+
+def _list(values: list[float]) -> str:
+    return "{" + ", ".join(f"{v:g}" for v in values) + "}"
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
@@ -112,11 +117,13 @@ def findings(results: dict) -> list[str]:
             f"{cfg['alignment']:.2f}. Best autoguidance ({ag['label']}): success {ag['success']:.0%}, fidelity "
             f"{ag['fidelity']:.2f}, alignment {ag['alignment']:.2f}."
         )
-        verdict = "beats" if pg["success"] > base["success"] else ("ties" if pg["success"] == base["success"] else "does not beat")
+        step = 100 / (results["config"]["seeds"] * (len(world.BACKGROUNDS) - 1))  # one new-context picture
+        diff = 100 * (pg["success"] - base["success"])
         out.append(
             f"Best personalization guidance ({pg['label']}): success {pg['success']:.0%}, fidelity "
-            f"{pg['fidelity']:.2f}, alignment {pg['alignment']:.2f}, diversity {pg['diversity']:.3f}: it {verdict} "
-            f"the best baseline ({base['label']}, {base['success']:.0%})."
+            f"{pg['fidelity']:.2f}, alignment {pg['alignment']:.2f}, diversity {pg['diversity']:.3f}: "
+            f"{diff:+.0f} points of success against the best baseline ({base['label']}, {base['success']:.0%}); "
+            f"one picture is {step:.1f} points."
         )
         wins, losses = [], []
         for level in ALIGNMENT_LEVELS:
@@ -132,8 +139,8 @@ def findings(results: dict) -> list[str]:
     return out
 
 
-def markdown(results: dict) -> str:
-    """The whole RESULTS.md."""
+def markdown(results: dict, discussion: str | None = None) -> str:
+    """The whole RESULTS.md; ``discussion`` (hand-written markdown) goes after the findings."""
     config, timings = results["config"], results["timings_s"]
     omega, lam, success = suggested_defaults(results)
     parts = [HEADER.format(
@@ -142,6 +149,12 @@ def markdown(results: dict) -> str:
         pretraining=timings["pretraining"], personalization=timings["personalization"],
         sampling=timings["sampling"] + timings["text_following"], seeds=config["seeds"],
         steps=config["sample_steps"], context=config["context"], threshold=config["success_threshold"],
+        params=results.get("parameters", 0), pretrain_steps=config["pretrain_steps"],
+        pretrain_batch=config["pretrain_batch"], drop_prompt=config["drop_prompt"], photos=config["photos"],
+        ft_steps=config["ft_steps"], ft_lr=config["ft_lr"], lora_rank=config["lora_rank"],
+        lora_steps=config["lora_steps"], lora_lr=config["lora_lr"], omegas=_list(config["omegas"]),
+        three_way_omega=config["three_way_omega"], three_way_lambda_p=_list(config["three_way_lambda_p"]),
+        lambdas=_list(config["lambdas"]),
     )]
     tf = results["text_following"]
     parts.append("## Sanity checks\n\nPrompts without the subject (every shape x colour x background, one picture each, "
@@ -151,6 +164,8 @@ def markdown(results: dict) -> str:
     parts.append("\n## Findings\n\n" + "\n\n".join(findings(results)))
     parts.append(f"\n**Suggested defaults.** Over both fine-tunes, the two-way setting with the highest mean success is "
                  f"omega = {omega:g}, lambda = {lam:g} ({success:.0%}).\n")
+    if discussion:
+        parts.append(discussion.strip() + "\n")
     for name, model in results["models"].items():
         rows = model["settings"]
         parts.append(f"## {name}\n\n### Each method's best setting (new contexts)\n\n{best_table(rows)}\n")
@@ -171,12 +186,35 @@ figures are `frontier.png` (each method's fidelity/alignment frontier) and
 ## How to reproduce
 
 ```
-python -m study.run             # from the repository root; add --no-cache to pre-train again
+python -m study.run                          # from the repository root: this file, results.json, PNGs
+python -m study.run --no-cache               # pre-train again even if study/_cache/ holds the base model
+python -m study.run --quick --out /tmp/quick # the reduced run of the test suite (seconds)
+python -m study.run --report-only            # rewrite RESULTS.md and frontier.png from results.json
 ```
 
 This run took {total:.1f} minutes on {threads} CPU thread(s), torch {version}: pre-training
 {pretraining:.0f} s (base model {cache}), personalization {personalization:.0f} s, sampling and
-scoring {sampling:.0f} s. Seeds are fixed; the same machine gives the same numbers.
+scoring {sampling:.0f} s. Seeds are fixed; the same machine and thread count give the same
+numbers. On cores shared with other work, `--threads 1` can be faster.
+
+## Setup
+
+- **World** (`world.py`): 16x16 pictures of one object (square, circle, triangle or cross;
+  solid, checkered or striped; six colours) on one of five backgrounds, prompted by four
+  tokens: a name, a shape, a colour, a background. Three names are known objects shown in
+  every context; "sks" means nothing to the base model. The subject, a square checkered
+  magenta and cyan, never appears in pre-training.
+- **Base model** (`model.py`): a {params:,}-parameter UNet with cross-attention to the tokens,
+  EDM preconditioning, {pretrain_steps} steps of batch {pretrain_batch} with the prompt dropped
+  to null {drop_prompt:.0%} of the time.
+- **Personalization** (`train.py`, `lora.py`): {photos} photos of the subject on "{context}",
+  prompt "sks square on {context}", DreamBooth without prior preservation. Full fine-tune:
+  {ft_steps} steps at lr {ft_lr:g}. LoRA: rank {lora_rank} on every Linear and Conv2d,
+  {lora_steps} steps at lr {lora_lr:g}, embeddings frozen.
+- **Methods** (`guiders.py`, through the `guidance` package): CFG on the fine-tuned model;
+  autoguidance (weak model: the base with the same prompt); personalization guidance two-way
+  (omega in {omegas}), with omega scheduled over the run, and three-way (omega =
+  {three_way_omega:g}, lambda_p in {three_way_lambda_p}); every lambda in {lambdas}.
 
 ## What is measured
 

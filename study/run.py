@@ -89,12 +89,25 @@ def _sample_rows(scored: list[experiment.Scored], config: Config, per_context: i
 
 def main(quick: bool = False, out_dir: str | Path | None = None, config: Config | None = None,
          cache: bool = True) -> dict:
-    """Run the study and write its outputs; returns the results (as in ``results.json``)."""
+    """Run the study and write its outputs; returns the results (as in ``results.json``).
+
+    Torch's global random state and thread count are restored afterwards, so that a
+    test session that calls this is left as it was.
+    """
     config = config or (QUICK if quick else FULL)
     out = Path(out_dir) if out_dir is not None else STUDY_DIR
     out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(config.threads)
-    torch.manual_seed(config.seed)
+    threads = torch.get_num_threads()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.set_num_threads(config.threads)
+            torch.manual_seed(config.seed)
+            return _run(config, out, cache)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(config: Config, out: Path, cache: bool) -> dict:
     timings = {}
     start = time.perf_counter()
 
@@ -128,14 +141,23 @@ def main(quick: bool = False, out_dir: str | Path | None = None, config: Config 
     timings["total"] = time.perf_counter() - start
     results["timings_s"] = timings
     results["torch"] = {"version": torch.__version__, "threads": torch.get_num_threads()}
+    results["parameters"] = sum(p.numel() for p in base.parameters())
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    plot.frontier(results, out / "frontier.png")
     for name, rows in grids.items():
         slug = "full" if name == "full fine-tune" else "lora"
         plot.sample_grid(rows, out / f"samples_{slug}.png", f"{name}: 3 seeds in each new context (best setting per method)")
-    (out / "RESULTS.md").write_text(report.markdown(results))
+    write_report(results, out)
     log.info("done in %.0f s: %s", timings["total"], out)
     return results
+
+
+def write_report(results: dict, out: Path) -> None:
+    """RESULTS.md and frontier.png from ``results``; the hand-written discussion only for the full config."""
+    plot.frontier(results, out / "frontier.png")
+    discussion = STUDY_DIR / "discussion.md"
+    full = results["config"] == json.loads(json.dumps(asdict(FULL)))
+    text = discussion.read_text() if full and discussion.exists() else None
+    (out / "RESULTS.md").write_text(report.markdown(results, text))
 
 
 def cli() -> None:
@@ -144,8 +166,14 @@ def cli() -> None:
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: study/)")
     parser.add_argument("--no-cache", action="store_true", help="pre-train even if study/_cache/ holds the base model")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 2)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite RESULTS.md and frontier.png from the output folder's results.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    if args.report_only:
+        out = args.out or STUDY_DIR
+        write_report(json.loads((out / "results.json").read_text()), out)
+        return
     config = QUICK if args.quick else FULL
     if args.threads is not None:
         config = replace(config, threads=args.threads)

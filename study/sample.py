@@ -36,7 +36,7 @@ def euler(denoise: Denoise, noise: Tensor, sigmas: Tensor) -> Tensor:
     """Deterministic Euler steps on the probability-flow ODE (DDIM): x <- x + (sigma' - sigma) (x - D) / sigma."""
     sigma_min, sigma_max = float(sigmas[-2]), float(sigmas[0])
     x = noise * sigmas[0]
-    for sigma, sigma_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
+    for sigma, sigma_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist(), strict=True):
         d = denoise(x, sigma, progress(sigma, sigma_min, sigma_max))
         x = x + (sigma_next - sigma) * (x - d) / sigma
     return x

@@ -37,7 +37,7 @@ def _fit(model: nn.Module, params: Iterable[nn.Parameter], batches, steps: int, 
         return 0.5 * (1 + math.cos(math.pi * (i - warmup) / max(1, steps - warmup)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-    ema_pairs = list(zip(ema.parameters(), model.parameters())) if ema is not None else []
+    ema_pairs = list(zip(ema.parameters(), model.parameters(), strict=True)) if ema is not None else []
     running, start = None, time.perf_counter()
     for i in range(steps):
         images, tokens = batches()

@@ -71,12 +71,12 @@ PALETTE = torch.cat([_BACKGROUND_RGB, _COLOUR_RGB])
 
 def encode(identifier: str = "", shape: str = "", colour: str = "", background: str = "") -> tuple[int, ...]:
     """The token ids of a prompt given as words ("" leaves a slot empty)."""
-    return tuple(vocab.index(word) for vocab, word in zip(VOCAB, (identifier, shape, colour, background)))
+    return tuple(vocab.index(word) for vocab, word in zip(VOCAB, (identifier, shape, colour, background), strict=True))
 
 
 def decode(tokens: tuple[int, ...]) -> str:
     """A prompt's tokens as text, e.g. "sks square on beach"."""
-    ident, shape, colour, bg = (vocab[t] for vocab, t in zip(VOCAB, tokens))
+    ident, shape, colour, bg = (vocab[t] for vocab, t in zip(VOCAB, tokens, strict=True))
     words = [w for w in (ident, colour, shape) if w]
     text = " ".join(words) or "(anything)"
     return f"{text} on {bg}" if bg else text
@@ -183,7 +183,7 @@ def sample_pretraining(n: int, generator: torch.Generator, drop_slot: float, dro
     ])[which]
     shape, colour, second, pattern = (torch.where(named, table[:, i], v) for i, v in enumerate((shape, colour, second, pattern)))
     like_subject = pattern == CHECKER
-    like_subject &= torch.tensor([{int(a), int(b)} == subject_pair for a, b in zip(colour, second)], dtype=torch.bool)
+    like_subject &= torch.tensor([{int(a), int(b)} == subject_pair for a, b in zip(colour, second, strict=True)], dtype=torch.bool)
     pattern = torch.where(like_subject, torch.full_like(pattern, SOLID), pattern)
     bg = torch.randint(1, VOCAB_SIZES[3], (n,), generator=generator)
     size = torch.where(named, table[:, 4], torch.randint(5, 9, (n,), generator=generator))

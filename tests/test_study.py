@@ -21,7 +21,10 @@ from study.model import Denoiser
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("study")
-    return out, run.main(quick=True, out_dir=out, cache=False)
+    threads, rng = torch.get_num_threads(), torch.get_rng_state()
+    results = run.main(quick=True, out_dir=out, cache=False)
+    assert torch.get_num_threads() == threads and torch.equal(torch.get_rng_state(), rng)  # torch state left as found
+    return out, results
 
 
 def test_quick_run_writes_every_output(quick_run):
