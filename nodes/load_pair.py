@@ -113,9 +113,7 @@ class LoadFinetunedPair(io.ComfyNode):
             return io.NodeOutput(pair, pair.finetuned, ft_clip, vae)
         base_model = _checkpoint(base_checkpoint)[0]
         ft_model, ft_clip, ft_vae = _checkpoint(finetuned_checkpoint)
-        pair = pair_from_models(base_model, ft_model)
-        pair.label = finetuned_checkpoint
-        return io.NodeOutput(pair, ft_model, ft_clip, ft_vae)
+        return io.NodeOutput(pair_from_models(base_model, ft_model), ft_model, ft_clip, ft_vae)
 
 
 class PairFromModels(io.ComfyNode):

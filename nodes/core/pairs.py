@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from enum import Enum
 
 import torch
 
@@ -27,11 +26,6 @@ from ...guidance import (
 log = logging.getLogger(__name__)
 
 DIFFUSION_PREFIX = "diffusion_model."
-
-
-class PairKind(str, Enum):
-    LORA = "LoRA"
-    FULL = "full checkpoint"
 
 
 class DeltaWeights(torch.nn.Module):
@@ -68,9 +62,7 @@ class FinetunedPair:
 
     finetuned: comfy.model_patcher.ModelPatcher
     deltas: dict[str, list[LayerDelta]]
-    kind: PairKind
     dense_fallbacks: int = 0
-    label: str = ""
     delta_patcher: comfy.model_patcher.ModelPatcher = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -163,7 +155,7 @@ def pair_from_models(base: comfy.model_patcher.ModelPatcher, finetuned: comfy.mo
         _effective_weights(finetuned, keys, lambda k: finetuned.patches.get(k)),
     )
     dense = {DIFFUSION_PREFIX + k: d for k, d in delta.items()}
-    return FinetunedPair(finetuned=finetuned, deltas=_collect(finetuned, dense, {}), kind=PairKind.FULL)
+    return FinetunedPair(finetuned=finetuned, deltas=_collect(finetuned, dense, {}))
 
 
 def _stored(delta: torch.Tensor, model: comfy.model_patcher.ModelPatcher) -> torch.Tensor:
@@ -217,7 +209,6 @@ def _pair_from_clone(base: comfy.model_patcher.ModelPatcher, finetuned: comfy.mo
     return FinetunedPair(
         finetuned=finetuned,
         deltas=_collect(finetuned, dense, low_rank),
-        kind=PairKind.LORA,
         dense_fallbacks=len(dense_keys),
     )
 
@@ -257,6 +248,4 @@ def load_lora_pair(
     if base_clip is not None:
         ft_clip = base_clip.clone()
         ft_clip.add_patches(loaded, strength)
-    pair = _pair_from_clone(base_model, finetuned)
-    pair.label = name
-    return pair, ft_clip
+    return _pair_from_clone(base_model, finetuned), ft_clip
