@@ -79,6 +79,7 @@ def main(argv=None):
     parser.add_argument("--omega", type=float, default=0.5)
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--only", default=None, help="time only the routes whose name contains this text (and their baseline)")
     opts = parser.parse_args(argv)
 
     import torch
@@ -178,17 +179,30 @@ def main(argv=None):
         "stock: two UNets, dual-model guider": lambda: TwoModelGuider(full_ft, weak_full),
     }
     baseline = {name: ("CFG, LoRA model (baseline A)" if i < 5 else "CFG, full fine-tune (baseline B)") for i, name in enumerate(routes)}
+    if opts.only:
+        keep = {name for name in routes if opts.only in name}
+        keep |= {baseline[name] for name in keep}
+        routes = {name: make for name, make in routes.items() if name in keep}
     latent = torch.zeros(1, 4, size // 8, size // 8)
     noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(5))
     sigmas = comfy.samplers.calculate_sigmas(base.get_model_object("model_sampling"), "normal", opts.steps)
     sampler = comfy.samplers.sampler_object("euler")
 
+    def extra_weights(guider) -> int:
+        """Bytes of weights that the route loads beside the fine-tuned model's own."""
+        if isinstance(guider, TwoModelGuider):
+            return guider.weak.model_size()
+        extra = guider.model_patcher.get_additional_models_with_key(pack.nodes.core.runtime.WRAPPER_KEY)
+        return sum(p.numel() * p.element_size() for m in extra for p in m.model.parameters())
+
     def run(name):
         guider = routes[name]()
+        resident[name] = extra_weights(guider)
         with StepTimer(torch, device) as timer, torch.inference_mode():
             guider.sample(noise, latent, sampler, sigmas, callback=timer.callback, seed=0, disable_pbar=True)
         return timer.per_step, timer.peak
 
+    resident = {}
     times = {name: [] for name in routes}
     peaks = {name: None for name in routes}
     for name in routes:  # warm-up: loads, caches, first-call costs
@@ -199,8 +213,6 @@ def main(argv=None):
             times[name].append(step)
             peaks[name] = extra if peaks[name] is None or extra is None else max(peaks[name], extra)
 
-    resident = {"PG LoRA pair": lora_pair.delta_bytes(), "PG full pair": full_pair.delta_bytes(),
-                "stock: two UNets": sum(v.numel() * v.element_size() for v in weak_sd.values())}
     print(f"device: {device}, {'SD1.5-size' if opts.full_size else 'tiny SD1.5-architecture'} UNet "
           f"({sum(v.numel() for v in base_sd.values()) / 1e6:.1f}M parameters), {size}x{size}, euler, {opts.steps} steps, "
           f"lambda {opts.lam}, omega {opts.omega}, LoRA rank {opts.lora_rank}, median of {opts.repeats}, torch threads {torch.get_num_threads()}")
@@ -210,9 +222,10 @@ def main(argv=None):
     for name in routes:
         step = statistics.median(times[name])
         ratio = step / statistics.median(times[baseline[name]])
-        extra_resident = next((v for k, v in resident.items() if name.startswith(k)), 0)
+        extra_resident = resident[name]
         peak = "n/a (CPU)" if peaks[name] is None else f"{peaks[name] / 2**20:.0f}"
-        print(f"| {name} | {step * 1e3:.1f} | {ratio:.2f}x | {peak} | {extra_resident / 2**20:.1f} |")
+        extra = f"{extra_resident / 2**20:.1f}" if extra_resident else "–"
+        print(f"| {name} | {step * 1e3:.1f} | {ratio:.2f}x | {peak} | {extra} |")
 
 
 if __name__ == "__main__":

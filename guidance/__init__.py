@@ -15,8 +15,10 @@ from .deltas import (
     check_layer,
     check_same_architecture,
     layer_response,
+    prepare_correction,
     rows_for_layer,
     unet_state_dict,
+    weak_parameter,
     weight_delta,
 )
 from .errors import GuidanceInputError
@@ -64,11 +66,13 @@ __all__ = [
     "parse_preset",
     "parse_values",
     "plan_evaluations",
+    "prepare_correction",
     "preset_from_dict",
     "rows_for_layer",
     "sweep_combinations",
     "three_way",
     "two_way",
     "unet_state_dict",
+    "weak_parameter",
     "weight_delta",
 ]

@@ -27,8 +27,10 @@ from guidance import (
     check_finite,
     check_layer,
     check_same_architecture,
+    prepare_correction,
     rows_for_layer,
     unet_state_dict,
+    weak_parameter,
     weight_delta,
 )
 
@@ -461,6 +463,82 @@ def test_low_rank_delta_matches_the_same_dense_delta(seed, omega):
     got_lr = add_weak_correction(layer, x, out, LowRankDelta(up, down, 0.7), rows, omega - 1)
     got_dense = add_weak_correction(layer, x, out, dense, rows, omega - 1)
     torch.testing.assert_close(got_lr, got_dense, rtol=1e-5, atol=1e-5 * (1.0 + float(got_dense.abs().max())))
+
+
+@st.composite
+def row_slices(draw, batch: int):
+    start = draw(st.integers(0, batch - 1))
+    return slice(start, draw(st.integers(start + 1, batch)))
+
+
+@pytest.mark.parametrize("name", list(LORA_LAYERS))
+@FAST
+@given(seed=seeds, omega=omegas, rows=row_slices(3), rank=st.integers(1, 3), scale=st.floats(0.0, 2.0))
+def test_prepared_low_rank_correction_equals_hand_materialized_weight(name, seed, omega, rows, rank, scale):
+    """The fused in-place route of the sampling loop gives what the weak weights give, on a chunk of rows."""
+    g = gen(seed)
+    layer, x, up, down = LORA_LAYERS[name](g, rank)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(randn(g, *p.shape))
+    lora = (up.flatten(1) @ down.flatten(1)).reshape(layer.weight.shape)
+    ref = _by_hand(layer, weight=layer.weight.detach() + (omega - 1.0) * scale * lora)
+    out = layer(x)
+    before = out.clone()
+    prepare_correction(layer, LowRankDelta(up, down, scale), x.device, x.dtype).add(x, out, rows, omega - 1.0)
+    weak = ref(x)
+    tol = 1e-5 * (1.0 + float(weak.abs().max()))
+    torch.testing.assert_close(out[rows], weak[rows], rtol=1e-5, atol=tol)
+    mask = torch.ones(x.shape[0], dtype=torch.bool)
+    mask[rows] = False
+    assert torch.equal(out[mask], before[mask])
+
+
+def test_prepared_low_rank_correction_on_a_non_contiguous_output():
+    g = gen(3)
+    layer, x, up, down = _lora_linear(g, 2)
+    out = layer(x).transpose(1, 2).contiguous().transpose(1, 2)  # same values, other strides
+    expected = add_weak_correction(layer, x, out.clone(), LowRankDelta(up, down, 0.5), slice(1, 3), -0.25)
+    prepare_correction(layer, LowRankDelta(up, down, 0.5), x.device, x.dtype).add(x, out, slice(1, 3), -0.25)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["linear", "conv2d", "groupnorm", "layernorm"])
+@FAST
+@given(seed=seeds, omega=omegas, rows=row_slices(3))
+def test_prepared_dense_correction_equals_add_weak_correction(name, seed, omega, rows):
+    g, layer, x = _make(DENSE_LAYERS[name], seed)
+    delta = DenseDelta(randn(g, *layer.weight.shape), randn(g, *layer.bias.shape))
+    expected = add_weak_correction(layer, x, layer(x), delta, rows, omega - 1.0)
+    out = layer(x)
+    prepare_correction(layer, delta, x.device, x.dtype).add(x, out, rows, omega - 1.0)
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("name", ["linear", "conv2d_grouped", "conv3d", "groupnorm", "layernorm_2d"])
+@FAST
+@given(seed=seeds, omega=omegas)
+def test_weak_parameters_make_the_weak_layer(name, seed, omega):
+    """theta_ft + (omega - 1) * delta, put in place of the fine-tuned parameters, is theta_pre + omega * delta."""
+    g, layer, x = _make(DENSE_LAYERS[name], seed)
+    w_pre, b_pre = randn(g, *layer.weight.shape), randn(g, *layer.bias.shape)
+    dw, db = layer.weight.detach() - w_pre, layer.bias.detach() - b_pre
+    ref = _by_hand(layer, w_pre + omega * dw, b_pre + omega * db)
+    out = torch.empty_like(layer.weight)
+    got = weak_parameter(layer.weight.detach(), dw, omega - 1.0, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    weak = _by_hand(layer, got, weak_parameter(layer.bias.detach(), db, omega - 1.0))
+    tol = 1e-5 * (1.0 + float(ref(x).abs().max()))
+    torch.testing.assert_close(weak(x), ref(x), rtol=1e-5, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_weak_parameter_keeps_the_model_dtype(dtype):
+    g = gen(7)
+    w, d = randn(g, 5, 6), randn(g, 5, 6)
+    got = weak_parameter(w.to(dtype), d, -0.5)  # an fp32 delta against a half-precision model
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), w - 0.5 * d, rtol=0, atol=8 * torch.finfo(dtype).eps * float(w.abs().max() + d.abs().max()))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -4,15 +4,25 @@
 
 - OUTER_SAMPLE: for the length of one sampling run, forward hooks on the layers
   that the personalization changed. Removed in ``finally``, so an interrupted or
-  failed run leaves the model as it was; the weights themselves are never touched.
-- PREDICT_NOISE: replaces CFG's combination with the estimate of SPEC.md. The
-  evaluations it needs go through one ``calc_cond_batch`` call, so they are batched
-  exactly as CFG's cond and uncond are; ComfyUI's pre- and post-CFG hooks are
-  replayed, seeing the weak null prediction as "uncond".
+  failed run leaves the model as it was; the weights themselves are never written.
+- PREDICT_NOISE: replaces CFG's combination with the estimate of SPEC.md. ComfyUI's
+  pre- and post-CFG hooks are replayed, seeing the weak null prediction as "uncond".
 - APPLY_MODEL: tells the layer hooks which rows of the batch are the weak model's
-  (``transformer_options["cond_or_uncond"]``). Those rows get
-  ``(omega - 1) * F_delta(x)`` added to each changed layer's output, which turns
-  theta_ft into theta_pre + omega * delta for them alone (``guidance.deltas``).
+  (``transformer_options["cond_or_uncond"]``).
+
+The weak model theta_pre + omega * delta = theta_ft + (omega - 1) * delta is made in
+one of two exact ways (``guidance.deltas``):
+
+- Batched (LoRA pairs, and any pair that changes few weights): the evaluations go
+  through one ``calc_cond_batch`` call, batched exactly as CFG's cond and uncond,
+  and the weak rows get ``(omega - 1) * F_delta(x)`` added to each changed layer's
+  output, in low rank for LoRA. One copy of the base weights.
+- Split (full fine-tunes, which change nearly every weight, so that the batched way
+  would pass the weak rows through every layer twice): the weak evaluation is its
+  own forward, during which the changed layers' parameters are swapped for weak ones,
+  formed in a workspace at most once per value of omega. The swap is undone in
+  ``finally``. Two weight sets on the device, as with two separate UNets, plus the
+  delta when omega is scheduled.
 """
 
 from __future__ import annotations
@@ -30,16 +40,17 @@ import comfy.sampler_helpers
 import comfy.samplers
 
 from ...guidance import (
+    DenseDelta,
     GuidanceInputError,
     LayerDelta,
-    LowRankDelta,
     OmegaSchedule,
-    add_weak_correction,
     check_scale,
     combine,
     omega_at,
     plan_evaluations,
+    prepare_correction,
     rows_for_layer,
+    weak_parameter,
 )
 from .pairs import FinetunedPair
 
@@ -114,61 +125,133 @@ def _same_conditioning(conditioning: list, converted: list | None) -> bool:
     return True
 
 
-class _Run:
-    """State of one sampling run: the layer hooks, and which rows are weak in the current forward."""
+class WeakWorkspace(torch.nn.Module):
+    """Room for the weak parameters of the layers that a split run swaps.
 
-    def __init__(self, pair: FinetunedPair, diffusion_parent: torch.nn.Module):
+    Like the pair's DeltaWeights, a module of frozen parameters that ComfyUI loads,
+    as an additional model, with the fine-tuned model and within its memory budget.
+    ``layers`` maps a layer path to its parameter names and the tensors they get.
+    """
+
+    def __init__(self, shapes: dict[str, dict[str, torch.Tensor]], device: torch.device):
+        super().__init__()
+        self.layers: dict[str, dict[str, torch.nn.Parameter]] = {}
+        for path, params in shapes.items():
+            slots = {}
+            for name, like in params.items():
+                slot = torch.nn.Parameter(torch.empty(like.shape, dtype=like.dtype, device=device), requires_grad=False)
+                self.register_parameter(f"weak_{len(self._parameters)}", slot)
+                slots[name] = slot
+            self.layers[path] = slots
+
+
+def _can_swap(layer: torch.nn.Module, slots: dict[str, torch.nn.Parameter]) -> bool:
+    """True when ``layer`` computes with its parameters as they are, so that swapping them is exact.
+
+    Not so when ComfyUI casts or patches them on the fly (low-VRAM loads, weight
+    functions), or when the workspace did not land on the layer's device.
+    """
+    if getattr(layer, "comfy_cast_weights", False) or getattr(layer, "weight_function", None) or getattr(layer, "bias_function", None):
+        return False
+    for name, slot in slots.items():
+        param = layer._parameters.get(name)
+        if param is None or param.device != slot.device or param.dtype != slot.dtype or param.shape != slot.shape:
+            return False
+    return True
+
+
+class _Run:
+    """State of one sampling run: the layer hooks, which rows are weak in the current forward, the swaps."""
+
+    def __init__(self, pair: FinetunedPair, diffusion_parent: torch.nn.Module, workspace: WeakWorkspace | None):
         self.coefficient = 0.0
         self.rows: list[slice] | None = None  # the weak chunks of the current forward's batch
         self.batch = 0
-        self.device_deltas: dict[int, LayerDelta] = {}
         self.handles = []
+        self.parent = diffusion_parent
+        self.workspace = workspace
+        self.swaps: list[tuple[torch.nn.Module, dict[str, torch.nn.Parameter], DenseDelta]] | None = None
+        self.formed_for: float | None = None  # the coefficient the workspace holds weak parameters for
+        self.swapped: list[tuple[torch.nn.Module, str, torch.nn.Parameter]] = []
+        self.deltas = pair.deltas
         for path, deltas in pair.deltas.items():
-            layer = diffusion_parent.get_submodule(path)
-            self.handles.append(layer.register_forward_hook(self._hook(deltas)))
+            if workspace is None or path not in workspace.layers:
+                self._add_hook(path, deltas)
+
+    def _add_hook(self, path: str, deltas: list[LayerDelta]):
+        layer = self.parent.get_submodule(path)
+        self.handles.append(layer.register_forward_hook(self._hook(layer, deltas)))
 
     def close(self):
+        self.swap_out()
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
-        self.device_deltas.clear()
 
-    def _on(self, delta: LayerDelta, like: torch.Tensor) -> LayerDelta:
-        """The delta on the device and in the dtype of ``like``, converted once per run.
+    def _hook(self, layer: torch.nn.Module, deltas: list[LayerDelta]):
+        prepared = []  # once per run, on the device and in the dtype the layer computes in
 
-        Normally a no-op: ComfyUI has loaded the deltas with the model. It converts when the
-        model computes in another dtype, or when a low-VRAM load left some of them offloaded.
-        """
-        cached = self.device_deltas.get(id(delta))
-        if cached is None:
-            def move(t):
-                return None if t is None else t.to(device=like.device, dtype=like.dtype)
-            if isinstance(delta, LowRankDelta):
-                cached = LowRankDelta(up=move(delta.up), down=move(delta.down), scale=delta.scale)
-            else:
-                cached = type(delta)(weight=move(delta.weight), bias=move(delta.bias))
-            self.device_deltas[id(delta)] = cached
-        return cached
-
-    def _hook(self, deltas: list[LayerDelta]):
-        def hook(layer, args, out):
-            if self.rows is None or self.coefficient == 0.0:
+        def hook(module, args, out):
+            rows, coefficient = self.rows, self.coefficient
+            if rows is None or coefficient == 0.0:
                 return None
             x = args[0]
-            for chunk in self.rows:
-                rows = rows_for_layer(chunk, self.batch, x.shape[0])
-                for delta in deltas:
-                    out = add_weak_correction(layer, x, out, self._on(delta, x), rows, self.coefficient)
+            if not prepared:
+                prepared.extend(prepare_correction(layer, d, x.device, x.dtype) for d in deltas)
+            if x.shape[0] != self.batch:
+                rows = [rows_for_layer(r, self.batch, x.shape[0]) for r in rows]
+            if out.requires_grad:
+                out = out.clone()
+            for correction in prepared:
+                for chunk in rows:
+                    correction.add(x, out, chunk, coefficient)
             return out
 
         return hook
+
+    # The split route.
+    def _prepare_swaps(self):
+        """On the first weak forward (the model is loaded by then): which layers swap, and hooks for the others."""
+        self.swaps = []
+        for path, slots in self.workspace.layers.items():
+            layer = self.parent.get_submodule(path)
+            (delta,) = self.deltas[path]
+            if _can_swap(layer, slots):
+                self.swaps.append((layer, slots, delta))
+            else:
+                self._add_hook(path, self.deltas[path])
+        if len(self.swaps) < len(self.workspace.layers):
+            log.info("Personalization guidance: %d of %d layers are cast or patched on the fly (low VRAM) and get "
+                     "the weak correction instead of weak weights.", len(self.workspace.layers) - len(self.swaps),
+                     len(self.workspace.layers))
+
+    @torch.no_grad()
+    def swap_in(self):
+        """Put the weak parameters in place of the fine-tuned ones, forming them if omega changed."""
+        if self.swaps is None:
+            self._prepare_swaps()
+        if self.formed_for != self.coefficient:
+            for layer, slots, delta in self.swaps:
+                for name, slot in slots.items():
+                    weak_parameter(layer._parameters[name], getattr(delta, name), self.coefficient, out=slot.data)
+            self.formed_for = self.coefficient
+        for layer, slots, _ in self.swaps:
+            for name, slot in slots.items():
+                self.swapped.append((layer, name, layer._parameters[name]))
+                layer._parameters[name] = slot
+
+    def swap_out(self):
+        for layer, name, param in reversed(self.swapped):
+            layer._parameters[name] = param
+        self.swapped.clear()
 
 
 class _Runtime:
     """The wrappers of one attached MODEL. Holds the config, and the current run while sampling."""
 
-    def __init__(self, config: GuidanceConfig):
+    def __init__(self, config: GuidanceConfig, workspace: WeakWorkspace | None):
         self.config = config
+        self.workspace = workspace  # set: the split route
         self.run: _Run | None = None
         self._progress_cache: dict[float, float] = {}
 
@@ -180,7 +263,7 @@ class _Runtime:
         null = self.config.null
         if null is not None and not _same_conditioning(null, guider.original_conds.get("negative")):
             guider.conds[NULL_KEY] = comfy.sampler_helpers.convert_cond(null)
-        self.run = _Run(self.config.weak.pair, guider.model_patcher.model)
+        self.run = _Run(self.config.weak.pair, guider.model_patcher.model, self.workspace)
         self._progress_cache.clear()
         try:
             return executor(*args, **kwargs)
@@ -199,8 +282,14 @@ class _Runtime:
         run.rows = [slice(i * per_chunk, (i + 1) * per_chunk) for i in weak]
         run.batch = x.shape[0]
         try:
+            if run.workspace is not None:
+                if len(weak) != len(chunks):  # predict_noise never asks for this on the split route
+                    raise GuidanceInputError("Personalization guidance (full pair): the weak evaluation was batched "
+                                             "with others; another node's sampling wrapper is incompatible with it.")
+                run.swap_in()
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         finally:
+            run.swap_out()
             run.rows = None
 
     def omega(self, model, timestep: torch.Tensor) -> float:
@@ -236,7 +325,14 @@ class _Runtime:
             batch[FT_NEGATIVE] = negative
         if self.run is not None:
             self.run.coefficient = omega - 1.0
-        out = comfy.samplers.calc_cond_batch(model, batch, x, timestep, model_options)
+        if self.workspace is not None and batch[WEAK_NULL] is not None:
+            # The split route: the fine-tuned evaluations batched as CFG's, the weak one on its own (weak weights).
+            out = comfy.samplers.calc_cond_batch(model, [c if i != WEAK_NULL else None for i, c in enumerate(batch)],
+                                                 x, timestep, model_options)
+            weak_only = [None] * WEAK_NULL + [batch[WEAK_NULL]]
+            out[WEAK_NULL] = comfy.samplers.calc_cond_batch(model, weak_only, x, timestep, model_options)[WEAK_NULL]
+        else:
+            out = comfy.samplers.calc_cond_batch(model, batch, x, timestep, model_options)
         for fn in model_options.get("sampler_pre_cfg_function", []):
             out = fn({"conds": batch, "conds_out": out, "cond_scale": lambda_t, "timestep": timestep, "input": x,
                       "sigma": timestep, "model": model, "model_options": model_options})
@@ -256,6 +352,31 @@ class _Runtime:
         return result
 
 
+# The split route pays when the dense deltas cover at least this fraction of the diffusion model's parameters.
+SPLIT_FRACTION = 0.5
+
+
+def _split_workspace(model: comfy.model_patcher.ModelPatcher, pair: FinetunedPair) -> WeakWorkspace | None:
+    """A workspace for the split route when it is the cheaper one (a full fine-tune), else None.
+
+    Layers with a single dense delta swap; a model that casts its weights on every
+    forward (``manual_cast_dtype``) keeps the batched route.
+    """
+    if getattr(model.model, "manual_cast_dtype", None) is not None:
+        return None
+    diffusion = model.model.diffusion_model
+    shapes, dense = {}, 0
+    for path, deltas in pair.deltas.items():
+        if len(deltas) != 1 or not isinstance(deltas[0], DenseDelta) or not deltas[0].tensors():
+            continue
+        layer = model.model.get_submodule(path)
+        shapes[path] = {name: layer._parameters[name] for name in ("weight", "bias") if getattr(deltas[0], name) is not None}
+        dense += sum(t.numel() for t in deltas[0].tensors())
+    if dense < SPLIT_FRACTION * sum(p.numel() for p in diffusion.parameters()):
+        return None
+    return WeakWorkspace(shapes, model.offload_device)
+
+
 def attach(model: comfy.model_patcher.ModelPatcher, config: GuidanceConfig) -> comfy.model_patcher.ModelPatcher:
     """A clone of ``model`` that samples with personalization guidance (see the module docstring)."""
     config.weak.pair.check_model(model)
@@ -264,9 +385,18 @@ def attach(model: comfy.model_patcher.ModelPatcher, config: GuidanceConfig) -> c
     if model.get_wrappers(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, WRAPPER_KEY):
         raise GuidanceInputError("This MODEL already has personalization guidance: apply it once.")
     patched = model.clone()
-    # The delta tensors load with the model, in the same load_models_gpu call, within ComfyUI's memory budget.
-    patched.set_additional_models(WRAPPER_KEY, [config.weak.pair.delta_patcher])
-    runtime = _Runtime(config)
+    pair = config.weak.pair
+    workspace = _split_workspace(patched, pair)
+    # What the run needs loads with the model, in the same load_models_gpu call, within ComfyUI's memory budget:
+    # the delta (batched route, or a scheduled omega), the room for weak parameters (split route).
+    extra = []
+    if workspace is None or not config.weak.schedule.is_constant:
+        extra.append(pair.delta_patcher)
+    if workspace is not None:
+        extra.append(comfy.model_patcher.ModelPatcher(workspace, load_device=patched.load_device,
+                                                      offload_device=patched.offload_device))
+    patched.set_additional_models(WRAPPER_KEY, extra)
+    runtime = _Runtime(config, workspace)
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, runtime.outer_sample)
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, WRAPPER_KEY, runtime.predict_noise)
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, runtime.apply_model)

@@ -29,6 +29,11 @@ def _hooks(module):
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())
 
 
+def _parameters(module):
+    """The parameter objects themselves: a run that swaps weak parameters in must put these back."""
+    return {name: id(p) for name, p in module.named_parameters()}
+
+
 @pytest.fixture(params=["lora", "full"])
 def guider_factory(request, comfy_host, tiny_files):
     nodes = comfy_host.nodes
@@ -58,6 +63,7 @@ def test_interrupt_mid_sampling_leaves_weights_bit_identical(guider_factory):
     hooks_before = _hooks(module)
     clean = _sample(make())  # loads and patches the model as ComfyUI does
     loaded = _snapshot(module)
+    params = _parameters(module)
 
     def interrupt_at_step_2(step, x0, x, total):
         if step == 1:
@@ -67,6 +73,7 @@ def test_interrupt_mid_sampling_leaves_weights_bit_identical(guider_factory):
         _sample(make(), callback=interrupt_at_step_2)
     comfy.model_management.interrupt_current_processing(False)
     _assert_identical(loaded, _snapshot(module))
+    assert _parameters(module) == params, "parameters were left swapped"
     assert _hooks(module) == hooks_before, "layer hooks were left behind"
     torch.testing.assert_close(_sample(make()), clean, rtol=0, atol=0)
 
@@ -76,6 +83,7 @@ def test_failure_mid_sampling_leaves_weights_bit_identical(guider_factory):
     module = pair.finetuned.model
     clean = _sample(make())
     loaded = _snapshot(module)
+    params = _parameters(module)
 
     def fail_at_step_2(step, x0, x, total):
         if step == 1:
@@ -84,6 +92,7 @@ def test_failure_mid_sampling_leaves_weights_bit_identical(guider_factory):
     with pytest.raises(RuntimeError, match="boom"):
         _sample(make(), callback=fail_at_step_2)
     _assert_identical(loaded, _snapshot(module))
+    assert _parameters(module) == params, "parameters were left swapped"
     torch.testing.assert_close(_sample(make()), clean, rtol=0, atol=0)
 
 

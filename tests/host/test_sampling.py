@@ -164,3 +164,54 @@ def test_sampled_latent_matches_hand_reference(setup, pair, schedule, estimate, 
         # Three-way with n = null: after the guidance interval omega is 1, D_w(null) is D_ft(null), one row less.
         steps_outside = sum(1 for omega in omegas if omega == 1.0)
         assert rows_per_step * STEPS == 3 * STEPS - steps_outside
+
+
+class ForwardLog:
+    """For each diffusion-model forward: its batch rows, and whether a changed layer computed with its own weight."""
+
+    def __init__(self, module, layer):
+        self.calls = []
+        self.own = None  # the layer's weight as loaded (ComfyUI patches a LoRA in when it loads the model)
+        self.layer = layer
+        self.handles = [module.register_forward_pre_hook(self.model_call), layer.register_forward_pre_hook(self.layer_call)]
+
+    def model_call(self, module, args):
+        if self.own is None:  # the first forward of a run is a fine-tuned one
+            self.own = self.layer.weight
+        self.calls.append([args[0].shape[0], None])
+
+    def layer_call(self, module, args):
+        self.calls[-1][1] = module.weight is self.own
+
+    def close(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize("pair_name,estimate,expected", [
+    # Full fine-tunes: the fine-tuned evaluations batched as CFG's, the weak one in its own forward with weak weights.
+    ("full", "two-way", [[1, True], [1, False]]),
+    ("full", "three-way", [[2, True], [1, False]]),
+    # LoRA pairs: one batched forward per step, the fine-tuned weights in place, the weak rows corrected.
+    ("lora", "two-way", [[2, True]]),
+    ("lora", "three-way", [[3, True]]),
+])
+def test_route_per_pair_kind(setup, pair_name, estimate, expected):
+    nodes = setup["nodes"]
+    pair = setup["pairs"][pair_name][0]
+    layer = pair.finetuned.model.get_submodule(next(iter(pair.deltas)))
+    weak = nodes.weak_model.WeakModelInterpolator.execute(pair, **SCHEDULES["linear"][0]).args[0]
+    est = "three-way" if estimate == "three-way" else "two-way (paper)"
+    conds = setup["conds"]
+    neg = comfy_cond(conds["n"]) if estimate == "three-way" else None
+    guider = nodes.guider.PersonalizationGuider.execute(
+        pair.finetuned, weak, comfy_cond(conds["c"]), comfy_cond(conds["null"]), est, LAMBDA, LAMBDA_P, negative=neg).args[0]
+    noise, latent, sigmas = sample_inputs(pair.finetuned)
+    log = ForwardLog(pair.finetuned.model.diffusion_model, layer)
+    try:
+        with torch.inference_mode():
+            guider.sample(noise, latent, comfy.samplers.sampler_object("euler"), sigmas, seed=0)
+    finally:
+        log.close()
+    assert log.calls == expected * STEPS
+    assert layer.weight is log.own  # swapped back
