@@ -73,6 +73,7 @@ class StepTimer:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--full-size", action="store_true", help="SD1.5-size UNet at 512x512 (needs a GPU to be quick)")
+    parser.add_argument("--size", type=int, default=None, help="image size in pixels (default: 64 tiny, 512 full size)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--lambda", dest="lam", type=float, default=5.0)
@@ -104,6 +105,7 @@ def main(argv=None):
         config.update(num_res_blocks=[2, 2, 2, 2], channel_mult=[1, 2, 4, 4], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
                       transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], transformer_depth_middle=1)
         size = 512
+    size = opts.size or size
     sd15 = comfy.supported_models.SD15
     base_sd = tiny.unet_state_dict(config, seed=1)
     ft_sd = tiny.perturbed(base_sd, seed=2, scale=0.05)

@@ -217,10 +217,19 @@ def rows_for_layer(batch_rows: Rows, batch_size: int, layer_batch: int) -> Rows:
     return (batch_rows[:, None] * per_row + offsets).flatten()
 
 
-def add_weak_correction(layer: nn.Module, x: Tensor, out: Tensor, delta: LayerDelta, rows: Rows, coefficient: float) -> Tensor:
+Coefficient = float | Tensor  # one value for all rows, or one per row (a 1-D tensor as long as the rows)
+
+
+def per_row(coefficient: Tensor, like: Tensor) -> Tensor:
+    """A per-row coefficient shaped to broadcast over ``like``'s rows."""
+    return coefficient.to(device=like.device, dtype=like.dtype).view(-1, *[1] * (like.dim() - 1))
+
+
+def add_weak_correction(layer: nn.Module, x: Tensor, out: Tensor, delta: LayerDelta, rows: Rows, coefficient: Coefficient) -> Tensor:
     """``out`` with ``coefficient * F_delta(x)`` added on ``rows``: turns fine-tuned rows into weak rows.
 
-    With ``coefficient = omega - 1`` those rows become the output of theta_pre + omega * delta.
+    With ``coefficient = omega - 1`` those rows become the output of theta_pre + omega * delta;
+    a 1-D tensor gives each of the rows its own omega (in the order of ``rows``).
     With a slice of rows the addition is in place (views, no copies) unless ``out``
     takes part in autograd; with an index tensor it returns a new tensor.
     """
@@ -228,6 +237,8 @@ def add_weak_correction(layer: nn.Module, x: Tensor, out: Tensor, delta: LayerDe
         return out
     x_rows = x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
     correction = layer_response(layer, x_rows, delta, (x_rows.shape[0], *out.shape[1:])).to(out.dtype)
+    if isinstance(coefficient, Tensor):
+        correction, coefficient = correction * per_row(coefficient, correction), 1.0
     if isinstance(rows, slice):
         if out.requires_grad:
             out = out.clone()
@@ -268,18 +279,22 @@ class LowRankCorrection:
             self.conv = layer._conv_forward
             self.conv_up = (F.conv1d, F.conv2d, F.conv3d)[self.down.dim() - 3]
 
-    def add(self, x: Tensor, out: Tensor, rows: slice, coefficient: float) -> None:
-        """Add ``coefficient * F_delta(x)`` to ``out`` on ``rows``, in place."""
+    def add(self, x: Tensor, out: Tensor, rows: slice, coefficient: Coefficient) -> None:
+        """Add ``coefficient * F_delta(x)`` to ``out`` on ``rows``, in place (per-row coefficients: see
+        ``add_weak_correction``; they scale the rank-r intermediate)."""
         target = out[rows]
-        alpha = coefficient * self.scale
-        if self.linear:
-            h = F.linear(x[rows], self.down)
-            if target.is_contiguous():
-                target.view(-1, target.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), self.up_t, alpha=alpha)
-            else:
-                target.add_(F.linear(h, self.up_t.t()), alpha=alpha)
-            return
-        target.add_(self.conv_up(self.conv(x[rows], self.down, None), self.up), alpha=alpha)
+        h = F.linear(x[rows], self.down) if self.linear else self.conv(x[rows], self.down, None)
+        if isinstance(coefficient, Tensor):
+            h = h * per_row(coefficient * self.scale, h)
+            alpha = 1.0
+        else:
+            alpha = coefficient * self.scale
+        if self.linear and target.is_contiguous():
+            target.view(-1, target.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), self.up_t, alpha=alpha)
+        elif self.linear:
+            target.add_(F.linear(h, self.up_t.t()), alpha=alpha)
+        else:
+            target.add_(self.conv_up(h, self.up), alpha=alpha)
 
 
 class DenseCorrection:
@@ -292,7 +307,7 @@ class DenseCorrection:
         self.layer = layer
         self.delta = DenseDelta(weight=move(delta.weight), bias=move(delta.bias))
 
-    def add(self, x: Tensor, out: Tensor, rows: slice, coefficient: float) -> None:
+    def add(self, x: Tensor, out: Tensor, rows: slice, coefficient: Coefficient) -> None:
         """Add ``coefficient * F_delta(x)`` to ``out`` on ``rows``, in place."""
         add_weak_correction(self.layer, x, out, self.delta, rows, coefficient)
 

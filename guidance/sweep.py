@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from .errors import GuidanceInputError
 
 MAX_VALUES = 8  # per list: the grid's rows or columns
-MAX_IMAGES = 64  # combinations times the latent batch size, sampled one combination after the other
+MAX_IMAGES = 64  # combinations times the latent batch size
 
 _NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
 _SEPARATORS = re.compile(r"[\s,;]+")

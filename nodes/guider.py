@@ -6,7 +6,7 @@ import comfy.samplers
 from comfy_api.latest import io
 
 from ..guidance import GuidanceInputError, check_scale
-from .core.runtime import Estimate, GuidanceConfig, attach
+from .core.runtime import Estimate, GuidanceConfig, RowScales, attach
 from .inputs import estimate_input, model_input, personalization_scale_input, weak_model_input
 from .sockets import CATEGORY
 
@@ -64,19 +64,27 @@ class PersonalizationGuider(io.ComfyNode):
         personalization_scale: float,
         negative=None,
     ) -> io.NodeOutput:
-        estimate = Estimate(estimate)
-        check_scale("guidance_scale", guidance_scale)
-        if negative is not None and estimate == Estimate.TWO_WAY:
-            raise GuidanceInputError(
-                "The two-way estimate has no negative prompt: set estimate to three-way, or disconnect negative."
-            )
-        config = GuidanceConfig(
-            weak=weak_model,
-            estimate=estimate,
-            lambda_p=personalization_scale,
-            null=null_conditioning if negative is not None else None,
+        return io.NodeOutput(make_guider(model, weak_model, positive, null_conditioning, estimate, guidance_scale,
+                                         personalization_scale, negative))
+
+
+def make_guider(model, weak_model, positive, null_conditioning, estimate: str, guidance_scale: float,
+                personalization_scale: float, negative=None, rows: RowScales | None = None) -> comfy.samplers.CFGGuider:
+    """The guider's GUIDER; ``rows`` gives each row of the latent batch its own omega and scales (PG Sweep)."""
+    estimate = Estimate(estimate)
+    check_scale("guidance_scale", guidance_scale)
+    if negative is not None and estimate == Estimate.TWO_WAY:
+        raise GuidanceInputError(
+            "The two-way estimate has no negative prompt: set estimate to three-way, or disconnect negative."
         )
-        guider = comfy.samplers.CFGGuider(attach(model, config))
-        guider.set_conds(positive, negative if negative is not None else null_conditioning)
-        guider.set_cfg(guidance_scale)
-        return io.NodeOutput(guider)
+    config = GuidanceConfig(
+        weak=weak_model,
+        estimate=estimate,
+        lambda_p=personalization_scale,
+        null=null_conditioning if negative is not None else None,
+        rows=rows,
+    )
+    guider = comfy.samplers.CFGGuider(attach(model, config))
+    guider.set_conds(positive, negative if negative is not None else null_conditioning)
+    guider.set_cfg(guidance_scale)
+    return guider

@@ -1,20 +1,28 @@
 """PG Sweep: every combination of omega and lambda values, from the same noise, as a labelled grid.
 
-Each combination is sampled exactly as a Personalization Guider followed by
-SamplerCustomAdvanced and VAEDecode would sample it: the guider is built by the
-guider node itself, the noise is generated once and reused, and the sampler gets
-the noise's seed. Combinations run one after the other, so every image is
-bit-identical to a separate run and peak memory is that of one run. (Batching
-them would need a per-row omega and lambda inside the estimate, and a batched
-forward need not match a single one to the last bit.)
+Each combination is sampled as a Personalization Guider followed by
+SamplerCustomAdvanced and VAEDecode would sample it: the noise is generated once
+and reused, and the sampler gets the noise's seed.
+
+Combinations are batched, as rows of one latent batch with an omega and a scale per
+row, when that cannot change the images: the sampler must draw no noise of its own
+during sampling (an ancestral or SDE sampler would draw different noise for each
+row than a run of its own draws) and must not adapt its steps to the whole batch,
+no CFG function of another node may be on the model (they take one scale), and the
+batch must fit in free memory. Batched images equal separate runs up to
+floating-point rounding; otherwise combinations run one after another, each
+bit-identical to a separate run.
 """
 
 from __future__ import annotations
 
+import inspect
+import logging
 from enum import Enum
 
 import comfy.model_management
 import comfy.sample
+import comfy.samplers
 import comfy.utils
 import latent_preview
 import torch
@@ -31,11 +39,18 @@ from ..guidance import (
     sweep_combinations,
 )
 from .core.image_grid import labelled_grid
-from .core.runtime import Estimate, WeakModel
-from .guider import PersonalizationGuider
+from .core.runtime import Estimate, RowScales, WeakModel
+from .guider import make_guider
 from .inputs import estimate_input, model_input, personalization_scale_input
 from .sockets import WeakModelSocket
 from .tuning_inputs import TUNING_CATEGORY, guidance_scale_input
+
+log = logging.getLogger(__name__)
+
+# Model options through which other nodes change CFG's combination; they take a single scale.
+_CFG_FUNCTIONS = ("sampler_cfg_function", "sampler_pre_cfg_function", "sampler_post_cfg_function")
+# Evaluations per latent row at most (three-way), for the memory estimate of a batch.
+_EVALUATIONS = 3
 
 
 class SweptScale(str, Enum):
@@ -50,6 +65,38 @@ def lambda_name(estimate: Estimate, swept: SweptScale) -> str:
     if swept == SweptScale.PERSONALIZATION:
         return "lambda_p"
     return "lambda_t" if estimate == Estimate.THREE_WAY else "lambda"
+
+
+def sampler_keeps_rows_apart(sampler, denoise_mask) -> bool:
+    """True when sampling rows together gives each row what sampling it alone gives (see the module docstring).
+
+    Only ComfyUI's own KSAMPLERs are known well enough: those whose function takes no
+    noise sampler and no churn, other than dpm_adaptive (its step size follows the
+    error of the whole batch), and without random inpainting noise.
+    """
+    if not isinstance(sampler, comfy.samplers.KSAMPLER):
+        return False
+    function = sampler.sampler_function
+    if "noise_sampler" in inspect.signature(function).parameters or function.__name__ == "dpm_adaptive_function":
+        return False
+    if sampler.extra_options.get("s_churn", 0.0) or sampler.extra_options.get("eta", 0.0):
+        return False
+    return not (denoise_mask is not None and sampler.inpaint_options.get("random", False))
+
+
+def combinations_per_batch(model, sampler, latent: torch.Tensor, denoise_mask, count: int) -> int:
+    """How many combinations to sample together: 1 unless batching keeps every image as it is and fits in memory."""
+    if count < 2 or not sampler_keeps_rows_apart(sampler, denoise_mask):
+        return 1
+    if any(model.model_options.get(key) for key in _CFG_FUNCTIONS):
+        return 1
+    # ComfyUI's own rule for batching conds (calc_cond_batch), with the model's weights counted as not yet loaded.
+    free = comfy.model_management.get_free_memory(model.load_device) - model.model_size()
+    for k in range(count, 1, -1):
+        shape = [k * latent.shape[0] * _EVALUATIONS, *latent.shape[1:]]
+        if model.model.memory_required(shape) * 1.5 < free:
+            return k
+    return 1
 
 
 def _check_lists(omega_values: str, lambda_values: str, batch_size: int = 1) -> list[tuple[float, float]]:
@@ -68,8 +115,10 @@ class Sweep(io.ComfyNode):
             description=(
                 "Samples every combination of the omega and lambda values from the same noise, with any sampler and "
                 "sigmas, and lays the images out in a grid: rows are omega, columns lambda, labelled. Takes what the "
-                "Personalization Guider and SamplerCustomAdvanced take. Combinations are sampled one after the other; "
-                "each image equals what the guider would sample with those values."
+                "Personalization Guider and SamplerCustomAdvanced take. Combinations are sampled together in one "
+                "batch where that cannot change the images (a sampler that draws no noise of its own, such as euler or "
+                "dpmpp_2m, and enough memory), else one after the other; each image equals what the guider would "
+                "sample with those values."
             ),
             inputs=[
                 model_input(),
@@ -169,33 +218,51 @@ class Sweep(io.ComfyNode):
             raise GuidanceInputError("lambda_values can sweep the personalization scale only with the three-way estimate.")
         combinations = _check_lists(omega_values, lambda_values, latent_image["samples"].shape[0])
 
-        # Every guider first, so that any bad input stops the sweep before the first step.
-        guiders = []
-        for omega, lam in combinations:
-            weak = WeakModel(weak_model.pair, OmegaSchedule.constant(omega))
-            scales = (guidance_scale, lam) if swept == SweptScale.PERSONALIZATION else (lam, personalization_scale)
-            guiders.append(PersonalizationGuider.execute(
-                model, weak, positive, null_conditioning, estimate.value, *scales, negative=negative).args[0])
+        def scales(lam):
+            return (guidance_scale, lam) if swept == SweptScale.PERSONALIZATION else (lam, personalization_scale)
 
         # What SamplerCustomAdvanced does with its inputs, once for all combinations.
         latent = latent_image.copy()
-        latent["samples"] = comfy.sample.fix_empty_latent_channels(guiders[0].model_patcher, latent_image["samples"])
+        latent["samples"] = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
         noise_mask = latent.get("noise_mask")
+        per_batch = combinations_per_batch(model, sampler, latent["samples"], noise_mask, len(combinations))
+        groups = [combinations[i:i + per_batch] for i in range(0, len(combinations), per_batch)]
+        log.info("PG Sweep: %d combinations in %d sampling run(s).", len(combinations), len(groups))
+
+        # Every guider first, so that any bad input stops the sweep before the first step.
+        guiders = []
+        for group in groups:
+            omega, lam = group[0]
+            weak = WeakModel(weak_model.pair, OmegaSchedule.constant(omega))
+            rows = None
+            if len(group) > 1:  # one omega and scale per latent row
+                each = latent["samples"].shape[0]
+                values = {"omega": tuple(o for o, _ in group for _ in range(each)),
+                          "lambda_p" if swept == SweptScale.PERSONALIZATION else "lambda_t":
+                          tuple(la for _, la in group for _ in range(each))}
+                rows = RowScales(**values)
+            guiders.append(make_guider(model, weak, positive, null_conditioning, estimate.value, *scales(lam),
+                                       negative=negative, rows=rows))
+
         start = noise.generate_noise(latent)
         steps = sigmas.shape[-1] - 1
         progress = comfy.utils.ProgressBar(len(guiders) * max(steps, 1))
         previewer = latent_preview.get_previewer(model.load_device, model.model.latent_format)
 
         images = []
-        for index, guider in enumerate(guiders):
+        for index, (group, guider) in enumerate(zip(groups, guiders)):
             def callback(step, x0, x, total_steps, done=index * steps):
                 preview = previewer.decode_latent_to_preview_image("JPEG", x0) if previewer else None
                 progress.update_absolute(done + step + 1, preview=preview)
 
-            samples = guider.sample(start.clone(), latent["samples"], sampler, sigmas, denoise_mask=noise_mask,
-                                    callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=noise.seed)
+            k = len(group)  # the same latent, noise and mask for every combination of the group
+            mask = noise_mask if noise_mask is None else torch.cat([noise_mask] * k)
+            samples = guider.sample(torch.cat([start] * k), torch.cat([latent["samples"]] * k), sampler, sigmas,
+                                    denoise_mask=mask, callback=callback,
+                                    disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=noise.seed)
             samples = samples.to(comfy.model_management.intermediate_device())
-            images.append(comfy_nodes.VAEDecode().decode(vae, {**latent, "samples": samples})[0])
+            for chunk in samples.chunk(k):
+                images.append(comfy_nodes.VAEDecode().decode(vae, {**latent, "samples": chunk})[0])
             progress.update_absolute((index + 1) * max(steps, 1))
 
         symbol = lambda_name(estimate, swept)

@@ -503,6 +503,36 @@ def test_prepared_low_rank_correction_on_a_non_contiguous_output():
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["lora-linear", "lora-conv2d", "dense-linear", "dense-groupnorm"])
+@FAST
+@given(seed=seeds, omega=st.lists(st.floats(0.0, 1.0), min_size=2, max_size=2))
+def test_per_row_coefficients_give_each_row_its_own_weak_model(kind, seed, omega):
+    """A 1-D coefficient gives row i the weak model of omega[i] (PG Sweep's batched combinations)."""
+    g = gen(seed)
+    if kind.startswith("lora"):
+        layer, x, up, down = LORA_LAYERS[kind[5:]](g, 2)
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.copy_(randn(g, *p.shape))
+        delta = LowRankDelta(up, down, 0.5)
+        dw = 0.5 * (up.flatten(1) @ down.flatten(1)).reshape(layer.weight.shape)
+    else:
+        g, layer, x = _make(DENSE_LAYERS[kind[6:]], seed)
+        dw = randn(g, *layer.weight.shape)
+        delta = DenseDelta(dw)
+    rows = slice(1, 3)
+    coefficient = torch.tensor(omega) - 1.0
+    prepared = layer(x)
+    prepare_correction(layer, delta, x.device, x.dtype).add(x, prepared, rows, coefficient)
+    generic = add_weak_correction(layer, x, layer(x), delta, rows, coefficient)
+    for i, o in zip(range(1, 3), omega):
+        weak = _by_hand(layer, weight=layer.weight.detach() + (o - 1.0) * dw)(x)
+        tol = 1e-5 * (1.0 + float(weak.abs().max()))
+        torch.testing.assert_close(prepared[i], weak[i], rtol=1e-5, atol=tol)
+        torch.testing.assert_close(generic[i], weak[i], rtol=1e-5, atol=tol)
+    assert torch.equal(prepared[0], layer(x)[0])
+
+
 @pytest.mark.parametrize("name", ["linear", "conv2d", "groupnorm", "layernorm"])
 @FAST
 @given(seed=seeds, omega=omegas, rows=row_slices(3))

@@ -78,6 +78,19 @@ class WeakModel:
 
 
 @dataclass(frozen=True)
+class RowScales:
+    """Per-row omega and scales, for combinations sampled as rows of one latent batch (PG Sweep).
+
+    One value per row of the latent batch; None keeps the config's value. Omega is
+    constant over the run for each row.
+    """
+
+    omega: tuple[float, ...]
+    lambda_t: tuple[float, ...] | None = None
+    lambda_p: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True)
 class GuidanceConfig:
     """Everything the runtime needs besides the conds and the sampler's cfg.
 
@@ -91,6 +104,8 @@ class GuidanceConfig:
     lambda_p: float = 1.0
     # The null conditioning, when it is not the sampler's negative (three-way with a negative prompt).
     null: list | None = None
+    # Per-row values (the schedule and scales above are then unused where these are given).
+    rows: RowScales | None = None
 
 
 def progress_of_sigma(model_sampling, sigma: float) -> float:
@@ -164,7 +179,7 @@ class _Run:
     """State of one sampling run: the layer hooks, which rows are weak in the current forward, the swaps."""
 
     def __init__(self, pair: FinetunedPair, diffusion_parent: torch.nn.Module, workspace: WeakWorkspace | None):
-        self.coefficient = 0.0
+        self.coefficient: float | torch.Tensor = 0.0  # omega - 1: one value, or one per latent row (RowScales)
         self.rows: list[slice] | None = None  # the weak chunks of the current forward's batch
         self.batch = 0
         self.handles = []
@@ -193,13 +208,15 @@ class _Run:
 
         def hook(module, args, out):
             rows, coefficient = self.rows, self.coefficient
-            if rows is None or coefficient == 0.0:
+            if rows is None or (not isinstance(coefficient, torch.Tensor) and coefficient == 0.0):
                 return None
             x = args[0]
             if not prepared:
                 prepared.extend(prepare_correction(layer, d, x.device, x.dtype) for d in deltas)
             if x.shape[0] != self.batch:
                 rows = [rows_for_layer(r, self.batch, x.shape[0]) for r in rows]
+                if isinstance(coefficient, torch.Tensor):
+                    coefficient = coefficient.repeat_interleave(x.shape[0] // self.batch)
             if out.requires_grad:
                 out = out.clone()
             for correction in prepared:
@@ -279,6 +296,8 @@ class _Runtime:
         if run is None or not weak:
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         per_chunk = x.shape[0] // len(chunks)
+        if isinstance(run.coefficient, torch.Tensor) and run.coefficient.shape[0] != per_chunk:
+            raise GuidanceInputError("Personalization guidance: per-row omega values do not match the batch.")
         run.rows = [slice(i * per_chunk, (i + 1) * per_chunk) for i in weak]
         run.batch = x.shape[0]
         try:
@@ -312,8 +331,24 @@ class _Runtime:
         lambda_p = self.config.lambda_p if three_way else lambda_t
         positive, negative = conds.get("positive"), conds.get("negative")
         null = conds.get(NULL_KEY, negative)
-        omega = self.omega(model, timestep)
-        evaluations = plan_evaluations(lambda_p, lambda_t, omega, negative_is_null=NULL_KEY not in conds)
+        negative_is_null = NULL_KEY not in conds
+        rows = self.config.rows
+        if rows is None:
+            omega = self.omega(model, timestep)
+            evaluations = plan_evaluations(lambda_p, lambda_t, omega, negative_is_null)
+            coefficient = omega - 1.0
+        else:
+            # One batch, one omega and scale per row: every evaluation that any row needs (an evaluation is left
+            # out only where its terms cancel for every row, so the estimate's form holds for all of them).
+            n = len(rows.omega)
+            lambdas_t = rows.lambda_t or (lambda_t,) * n
+            lambdas_p = (rows.lambda_p or (lambda_p,) * n) if three_way else lambdas_t
+            plans = [plan_evaluations(p, t, o, negative_is_null) for p, t, o in zip(lambdas_p, lambdas_t, rows.omega)]
+            evaluations = dataclasses.replace(plans[0], **{f.name: any(getattr(p, f.name) for p in plans)
+                                                           for f in dataclasses.fields(plans[0])})
+            coefficient = torch.tensor(rows.omega, device=x.device, dtype=torch.float32) - 1.0
+            lambda_t, lambda_p = (torch.tensor(v, device=x.device, dtype=x.dtype).view(-1, *[1] * (x.dim() - 1))
+                                  for v in (lambdas_t, lambdas_p))
         if model_options.get("disable_cfg1_optimization", False) and not evaluations.weak_null:
             evaluations = dataclasses.replace(evaluations, weak_null=True)
         batch = [None, None, None]
@@ -324,7 +359,7 @@ class _Runtime:
         if evaluations.ft_negative:
             batch[FT_NEGATIVE] = negative
         if self.run is not None:
-            self.run.coefficient = omega - 1.0
+            self.run.coefficient = coefficient
         if self.workspace is not None and batch[WEAK_NULL] is not None:
             # The split route: the fine-tuned evaluations batched as CFG's, the weak one on its own (weak weights).
             out = comfy.samplers.calc_cond_batch(model, [c if i != WEAK_NULL else None for i, c in enumerate(batch)],
@@ -386,7 +421,8 @@ def attach(model: comfy.model_patcher.ModelPatcher, config: GuidanceConfig) -> c
         raise GuidanceInputError("This MODEL already has personalization guidance: apply it once.")
     patched = model.clone()
     pair = config.weak.pair
-    workspace = _split_workspace(patched, pair)
+    # Per-row omegas need the batched route: one forward cannot swap in several weak weight sets.
+    workspace = None if config.rows is not None else _split_workspace(patched, pair)
     # What the run needs loads with the model, in the same load_models_gpu call, within ComfyUI's memory budget:
     # the delta (batched route, or a scheduled omega), the room for weak parameters (split route).
     extra = []
@@ -403,4 +439,4 @@ def attach(model: comfy.model_patcher.ModelPatcher, config: GuidanceConfig) -> c
     return patched
 
 
-__all__ = ["Estimate", "GuidanceConfig", "NULL_KEY", "WeakModel", "attach", "progress_of_sigma"]
+__all__ = ["Estimate", "GuidanceConfig", "NULL_KEY", "RowScales", "WeakModel", "attach", "progress_of_sigma"]

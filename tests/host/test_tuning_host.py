@@ -67,8 +67,8 @@ def sampling_inputs(model, sampler_name="euler_ancestral", steps=STEPS):
 
 
 def run_sweep(setup, estimate, omega_values, lambda_values, lambda_sweeps="guidance_scale", negative=None,
-              guidance_scale=7.5, personalization_scale=3.0, latent=None):
-    noise, sampler, sigmas, empty = sampling_inputs(setup["model"])
+              guidance_scale=7.5, personalization_scale=3.0, latent=None, sampler_name="euler_ancestral"):
+    noise, sampler, sigmas, empty = sampling_inputs(setup["model"], sampler_name)
     with torch.inference_mode():
         return setup["nodes"].sweep.Sweep.execute(
             setup["model"], comfy_weak(setup, 0.5), setup["positive"], setup["null"], noise, sampler, sigmas,
@@ -82,13 +82,15 @@ def comfy_weak(setup, omega, **schedule):
     return setup["nodes"].weak_model.WeakModelInterpolator.execute(setup["pair"], **settings).args[0]
 
 
-def guider_image(setup, omega, estimate, guidance_scale, personalization_scale, negative=None):
+def guider_image(setup, omega, estimate, guidance_scale, personalization_scale, negative=None, sampler_name="euler_ancestral",
+                 latent=None):
     """The same combination the way a user samples it: Weak Model Interpolator, guider, SamplerCustomAdvanced, VAEDecode."""
     from comfy_extras.nodes_custom_sampler import SamplerCustomAdvanced
 
     import nodes as comfy_nodes
 
-    noise, sampler, sigmas, latent = sampling_inputs(setup["model"])
+    noise, sampler, sigmas, empty = sampling_inputs(setup["model"], sampler_name)
+    latent = latent or empty
     with torch.inference_mode():
         guider = setup["nodes"].guider.PersonalizationGuider.execute(
             setup["model"], comfy_weak(setup, omega), setup["positive"], setup["null"], estimate, guidance_scale,
@@ -158,6 +160,75 @@ def test_sweep_images_equal_the_guider_sampled_separately(setup, estimate, lambd
         y, x = layout.cell(*divmod(index, 2))
         assert torch.equal(grid[0, y : y + SIZE, x : x + SIZE], images[index])
     assert_labels_drawn(grid[0], layout)
+
+
+class ForwardRows:
+    """The batch rows of every diffusion-model forward while in use."""
+
+    def __init__(self, model):
+        self.rows = []
+        self.module = model.model.diffusion_model
+
+    def __enter__(self):
+        self.handle = self.module.register_forward_pre_hook(lambda m, args: self.rows.append(args[0].shape[0]))
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+@pytest.mark.parametrize(
+    ("estimate", "lambda_sweeps", "negative", "batch"),
+    [("two-way (paper)", "guidance_scale", False, 1), ("three-way", "personalization_scale (three-way)", True, 2),
+     ("three-way", "guidance_scale", False, 1)],
+    ids=["two-way", "three-way-lambda-p-batch-2", "three-way-lambda-t"],
+)
+def test_batched_sweep_equals_separate_runs(setup, estimate, lambda_sweeps, negative, batch):
+    """With a sampler that draws no noise (euler) every combination rides in one batch, with its own omega and
+    scale per row: the images equal separate guider runs up to floating-point rounding."""
+    negative = setup["negative"] if negative else None
+    omegas, lambdas = (0.3, 1.0), (1.0, 5.0)
+    latent = {"samples": torch.zeros(batch, 4, SIZE // 8, SIZE // 8)}
+    with ForwardRows(setup["model"]) as forwards:
+        grid, images, labels = run_sweep(setup, estimate, "0.3, 1", "1, 5", lambda_sweeps, negative=negative,
+                                         guidance_scale=6.0, personalization_scale=2.0, latent=latent, sampler_name="euler")
+    evaluations = 3 if negative is not None or lambda_sweeps == "guidance_scale" and estimate == "three-way" else 2
+    assert forwards.rows == [4 * batch * evaluations] * STEPS  # one forward per step for all four combinations
+    assert images.shape == (4 * batch, SIZE, SIZE, 3)
+    for index, (omega, lam) in enumerate((o, lam) for o in omegas for lam in lambdas):
+        scales = (lam, 2.0) if lambda_sweeps == "guidance_scale" else (6.0, lam)
+        expected = guider_image(setup, omega, estimate, *scales, negative=negative, sampler_name="euler", latent=latent)
+        torch.testing.assert_close(images[index * batch : (index + 1) * batch], expected, rtol=0, atol=1e-4)
+    # Far apart compared with that tolerance: a row sampled with another row's omega or scale would fail above.
+    assert (images[0] - images[-1]).abs().max() > 0.05
+
+
+def test_batched_sweep_of_a_full_pair_equals_separate_runs(setup, tiny_files):
+    """A full fine-tune samples alone on its split route (weak weights swapped in); batched, each row gets its own
+    omega through the dense correction instead. Both give the same images."""
+    pair, model, _clip, vae = setup["nodes"].load_pair.LoadFinetunedPair.execute(
+        tiny_files["base"], "fine-tuned checkpoint", "none", 1.0, tiny_files["finetuned"]).args
+    full = {**setup, "pair": pair, "model": model, "vae": vae}
+    with ForwardRows(model) as forwards:
+        _grid, images, _labels = run_sweep(full, "two-way (paper)", "0, 0.6", "4", sampler_name="euler")
+    assert forwards.rows == [4] * STEPS
+    for index, omega in enumerate((0.0, 0.6)):
+        expected = guider_image(full, omega, "two-way (paper)", 4.0, 1.0, sampler_name="euler")
+        torch.testing.assert_close(images[index : index + 1], expected, rtol=0, atol=1e-4)
+    assert (images[0] - images[1]).abs().max() > 0.05
+
+
+def test_sweep_batches_only_what_it_can_keep_apart(setup):
+    sweep = setup["nodes"].sweep
+    model = setup["model"]
+    latent = torch.zeros(1, 4, 8, 8)
+    assert sweep.combinations_per_batch(model, comfy.samplers.sampler_object("euler"), latent, None, 6) == 6
+    assert sweep.combinations_per_batch(model, comfy.samplers.sampler_object("dpmpp_2m"), latent, None, 6) == 6
+    for name in ("euler_ancestral", "dpmpp_2m_sde", "dpmpp_sde", "dpm_adaptive", "lcm"):
+        assert sweep.combinations_per_batch(model, comfy.samplers.sampler_object(name), latent, None, 6) == 1, name
+    with_cfg_function = model.clone()
+    with_cfg_function.set_model_sampler_post_cfg_function(lambda args: args["denoised"])
+    assert sweep.combinations_per_batch(with_cfg_function, comfy.samplers.sampler_object("euler"), latent, None, 6) == 1
 
 
 def test_sweep_makes_one_grid_per_latent_batch_image(setup):
