@@ -3,7 +3,10 @@
 Everything is timed side by side in one process, on one model architecture, sampler,
 seed and step count, with the routes interleaved round-robin so that drift in the
 machine's speed hits all of them alike. Figures are ratios to plain CFG on the same
-fine-tuned model. This is a benchmark, not a test: it asserts nothing.
+fine-tuned model. Memory: the weights each route loads beside the fine-tuned model,
+and the peak a sampling run adds on top of what was in use when it started (one more,
+untimed run per route; see SamplingMemory). This is a benchmark, not a test: it
+asserts nothing.
 
     COMFYUI_PATH=/path/to/ComfyUI python benchmarks/bench_guidance.py            # tiny SD1.5 UNet, 64x64, CPU
     COMFYUI_PATH=/path/to/ComfyUI python benchmarks/bench_guidance.py --full-size  # SD1.5-size UNet, 512x512 (GPU)
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import os
 import statistics
 import sys
@@ -39,35 +43,73 @@ def load_host(cpu: bool):
 
 
 class StepTimer:
-    """Wall time per sampling step, from the sampler's own step callbacks: excludes model loading and patching.
-
-    On a GPU it also records the allocator's peak during the run; the CPU has no such counter
-    (RSS does not fall when memory is freed), so there only resident weights are reported.
-    """
+    """Wall time per sampling step, from the sampler's own step callbacks: excludes model loading and patching."""
 
     def __init__(self, torch, device):
         self.torch, self.cuda = torch, device.type == "cuda"
         self.stamps = []
-        self.peak = None
 
     def callback(self, step, x0, x, total):
         if self.cuda:
             self.torch.cuda.synchronize()
         self.stamps.append(time.perf_counter())
 
+    @property
+    def per_step(self) -> float:
+        return (self.stamps[-1] - self.stamps[0]) / (len(self.stamps) - 1)
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+class SamplingMemory:
+    """Peak memory a sampling run adds on top of what was in use when it started (loaded models included).
+
+    GPU: the CUDA allocator's own peak. CPU: torch allocates through the C heap, so the
+    heap's bytes in use (glibc's mallinfo2: allocated chunks plus mmapped blocks) are
+    read at every module's entry and exit during the run; the peak of those readings.
+    """
+
+    def __init__(self, torch, device):
+        self.torch, self.cuda = torch, device.type == "cuda"
+        self.start = self.peak = 0
+        if not self.cuda:
+            self.libc = ctypes.CDLL("libc.so.6")
+            self.libc.mallinfo2.restype = _MallInfo2
+
+    def in_use(self) -> int:
+        info = self.libc.mallinfo2()
+        return info.uordblks + info.hblkhd
+
+    def sample(self, *args):
+        self.peak = max(self.peak, self.in_use())
+
     def __enter__(self):
         if self.cuda:
             self.torch.cuda.synchronize()
             self.torch.cuda.reset_peak_memory_stats()
+            self.start = self.torch.cuda.memory_allocated()
+            return self
+        self.start = self.peak = self.in_use()
+        modules = self.torch.nn.modules.module
+        self.handles = [modules.register_module_forward_pre_hook(self.sample),
+                        modules.register_module_forward_hook(self.sample)]
         return self
 
     def __exit__(self, *exc):
         if self.cuda:
+            self.torch.cuda.synchronize()
             self.peak = self.torch.cuda.max_memory_allocated()
+            return
+        for handle in self.handles:
+            handle.remove()
+        self.sample()
 
     @property
-    def per_step(self) -> float:
-        return (self.stamps[-1] - self.stamps[0]) / (len(self.stamps) - 1)
+    def added(self) -> int:
+        return self.peak - self.start
 
 
 def main(argv=None):
@@ -200,34 +242,40 @@ def main(argv=None):
     def run(name):
         guider = routes[name]()
         resident[name] = extra_weights(guider)
-        with StepTimer(torch, device) as timer, torch.inference_mode():
+        timer = StepTimer(torch, device)
+        with torch.inference_mode():
             guider.sample(noise, latent, sampler, sigmas, callback=timer.callback, seed=0, disable_pbar=True)
-        return timer.per_step, timer.peak
+        return timer.per_step
+
+    def sampling_memory(name) -> int:
+        """Run once to load what the route needs, then measure a second run (not timed: the CPU probe is slow)."""
+        guider = routes[name]()
+        with torch.inference_mode():
+            guider.sample(noise, latent, sampler, sigmas, seed=0, disable_pbar=True)
+            with SamplingMemory(torch, device) as memory:
+                guider.sample(noise, latent, sampler, sigmas, seed=0, disable_pbar=True)
+        return memory.added
 
     resident = {}
     times = {name: [] for name in routes}
-    peaks = {name: None for name in routes}
     for name in routes:  # warm-up: loads, caches, first-call costs
         run(name)
     for _ in range(opts.repeats):
         for name in routes:
-            step, extra = run(name)
-            times[name].append(step)
-            peaks[name] = extra if peaks[name] is None or extra is None else max(peaks[name], extra)
+            times[name].append(run(name))
+    added = {name: sampling_memory(name) for name in routes}
 
     print(f"device: {device}, {'SD1.5-size' if opts.full_size else 'tiny SD1.5-architecture'} UNet "
           f"({sum(v.numel() for v in base_sd.values()) / 1e6:.1f}M parameters), {size}x{size}, euler, {opts.steps} steps, "
           f"lambda {opts.lam}, omega {opts.omega}, LoRA rank {opts.lora_rank}, median of {opts.repeats}, torch threads {torch.get_num_threads()}")
     print()
-    print("| route | ms / step | ratio to CFG | peak GPU memory (MiB) | extra resident weights (MiB) |")
+    print("| route | ms / step | ratio to CFG | extra resident weights (MiB) | peak added while sampling (MiB) |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for name in routes:
         step = statistics.median(times[name])
         ratio = step / statistics.median(times[baseline[name]])
-        extra_resident = resident[name]
-        peak = "n/a (CPU)" if peaks[name] is None else f"{peaks[name] / 2**20:.0f}"
-        extra = f"{extra_resident / 2**20:.1f}" if extra_resident else "–"
-        print(f"| {name} | {step * 1e3:.1f} | {ratio:.2f}x | {peak} | {extra} |")
+        extra = f"{resident[name] / 2**20:.1f}" if resident[name] else "–"
+        print(f"| {name} | {step * 1e3:.1f} | {ratio:.2f}x | {extra} | {added[name] / 2**20:.1f} |")
 
 
 if __name__ == "__main__":

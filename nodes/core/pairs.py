@@ -64,6 +64,8 @@ class FinetunedPair:
     deltas: dict[str, list[LayerDelta]]
     dense_fallbacks: int = 0
     delta_patcher: comfy.model_patcher.ModelPatcher = field(init=False, repr=False)
+    # Room for weak parameters, made by the runtime on first use where the pair samples on its split route.
+    workspace: comfy.model_patcher.ModelPatcher | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         self.delta_patcher = comfy.model_patcher.ModelPatcher(

@@ -2,27 +2,29 @@
 
 ``attach`` returns a clone of the fine-tuned MODEL carrying three wrappers:
 
-- OUTER_SAMPLE: for the length of one sampling run, forward hooks on the layers
-  that the personalization changed. Removed in ``finally``, so an interrupted or
-  failed run leaves the model as it was; the weights themselves are never written.
+- OUTER_SAMPLE: for the length of one sampling run, the per-layer machinery below on
+  the layers that the personalization changed. Undone in ``finally``, so an
+  interrupted or failed run leaves the model as it was.
 - PREDICT_NOISE: replaces CFG's combination with the estimate of SPEC.md. ComfyUI's
   pre- and post-CFG hooks are replayed, seeing the weak null prediction as "uncond".
-- APPLY_MODEL: tells the layer hooks which rows of the batch are the weak model's
+- APPLY_MODEL: tells the layers which rows of the batch are the weak model's
   (``transformer_options["cond_or_uncond"]``).
 
-The weak model theta_pre + omega * delta = theta_ft + (omega - 1) * delta is made in
-one of two exact ways (``guidance.deltas``):
+The evaluations go through one ``calc_cond_batch`` call, batched exactly as CFG's
+cond and uncond. The weak rows of each changed layer compute theta_pre + omega * delta
+= theta_ft + (omega - 1) * delta in one of two exact ways (``guidance.deltas``):
 
-- Batched (LoRA pairs, and any pair that changes few weights): the evaluations go
-  through one ``calc_cond_batch`` call, batched exactly as CFG's cond and uncond,
-  and the weak rows get ``(omega - 1) * F_delta(x)`` added to each changed layer's
-  output, in low rank for LoRA. One copy of the base weights.
-- Split (full fine-tunes, which change nearly every weight, so that the batched way
-  would pass the weak rows through every layer twice): the weak evaluation is its
-  own forward, during which the changed layers' parameters are swapped for weak ones,
-  formed in a workspace at most once per value of omega. The swap is undone in
-  ``finally``. Two weight sets on the device, as with two separate UNets, plus the
-  delta when omega is scheduled.
+- Correction (LoRA pairs, and any pair that changes few weights): a forward hook adds
+  ``(omega - 1) * F_delta(x)`` to the weak rows of the layer's output, in low rank for
+  LoRA. One copy of the base weights.
+- Weak weights (full fine-tunes, which change nearly every weight, so that a
+  correction would pass the weak rows through every layer twice): the layer runs its
+  fine-tuned rows with theta_ft and its weak rows with weak parameters, formed in a
+  workspace at most once per value of omega. Two weight sets on the device, as with
+  two separate UNets, plus the delta when omega is scheduled.
+
+Both exist only during a run: hooks are removed and layer forwards restored in
+``finally``; the weights themselves are never written.
 """
 
 from __future__ import annotations
@@ -141,7 +143,7 @@ def _same_conditioning(conditioning: list, converted: list | None) -> bool:
 
 
 class WeakWorkspace(torch.nn.Module):
-    """Room for the weak parameters of the layers that a split run swaps.
+    """Room for the weak parameters of the layers that run their weak rows with weak weights.
 
     Like the pair's DeltaWeights, a module of frozen parameters that ComfyUI loads,
     as an additional model, with the fine-tuned model and within its memory budget.
@@ -160,13 +162,16 @@ class WeakWorkspace(torch.nn.Module):
             self.layers[path] = slots
 
 
-def _can_swap(layer: torch.nn.Module, slots: dict[str, torch.nn.Parameter]) -> bool:
-    """True when ``layer`` computes with its parameters as they are, so that swapping them is exact.
+def _can_split(layer: torch.nn.Module, slots: dict[str, torch.nn.Parameter]) -> bool:
+    """True when ``layer`` computes with its parameters as they are, so that running rows with others is exact.
 
     Not so when ComfyUI casts or patches them on the fly (low-VRAM loads, weight
-    functions), or when the workspace did not land on the layer's device.
+    functions), when the workspace did not land on the layer's device, or when
+    something else already replaced the layer's forward.
     """
     if getattr(layer, "comfy_cast_weights", False) or getattr(layer, "weight_function", None) or getattr(layer, "bias_function", None):
+        return False
+    if "forward" in layer.__dict__:
         return False
     for name, slot in slots.items():
         param = layer._parameters.get(name)
@@ -175,8 +180,21 @@ def _can_swap(layer: torch.nn.Module, slots: dict[str, torch.nn.Parameter]) -> b
     return True
 
 
+def _segments(weak: list[slice], size: int) -> list[tuple[slice, bool]]:
+    """``range(size)`` cut into consecutive chunks, each marked weak or not."""
+    out, at = [], 0
+    for chunk in sorted(weak, key=lambda c: c.start):
+        if chunk.start > at:
+            out.append((slice(at, chunk.start), False))
+        out.append((chunk, True))
+        at = chunk.stop
+    if at < size:
+        out.append((slice(at, size), False))
+    return out
+
+
 class _Run:
-    """State of one sampling run: the layer hooks, which rows are weak in the current forward, the swaps."""
+    """State of one sampling run: which rows are weak in the current forward, and the per-layer machinery."""
 
     def __init__(self, pair: FinetunedPair, diffusion_parent: torch.nn.Module, workspace: WeakWorkspace | None):
         self.coefficient: float | torch.Tensor = 0.0  # omega - 1: one value, or one per latent row (RowScales)
@@ -185,9 +203,8 @@ class _Run:
         self.handles = []
         self.parent = diffusion_parent
         self.workspace = workspace
-        self.swaps: list[tuple[torch.nn.Module, dict[str, torch.nn.Parameter], DenseDelta]] | None = None
+        self.split: list[tuple[torch.nn.Module, dict[str, torch.nn.Parameter], DenseDelta]] | None = None
         self.formed_for: float | None = None  # the coefficient the workspace holds weak parameters for
-        self.swapped: list[tuple[torch.nn.Module, str, torch.nn.Parameter]] = []
         self.deltas = pair.deltas
         for path, deltas in pair.deltas.items():
             if workspace is None or path not in workspace.layers:
@@ -198,25 +215,31 @@ class _Run:
         self.handles.append(layer.register_forward_hook(self._hook(layer, deltas)))
 
     def close(self):
-        self.swap_out()
+        for layer, _, _ in self.split or []:
+            layer.__dict__.pop("forward", None)
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
+
+    def _layer_rows(self, x: torch.Tensor, coefficient):
+        """The weak rows (and per-row coefficients) as the layer sees them: some layers expand each batch row."""
+        rows = self.rows
+        if x.shape[0] != self.batch:
+            rows = [rows_for_layer(r, self.batch, x.shape[0]) for r in rows]
+            if isinstance(coefficient, torch.Tensor):
+                coefficient = coefficient.repeat_interleave(x.shape[0] // self.batch)
+        return rows, coefficient
 
     def _hook(self, layer: torch.nn.Module, deltas: list[LayerDelta]):
         prepared = []  # once per run, on the device and in the dtype the layer computes in
 
         def hook(module, args, out):
-            rows, coefficient = self.rows, self.coefficient
-            if rows is None or (not isinstance(coefficient, torch.Tensor) and coefficient == 0.0):
+            if self.rows is None or (not isinstance(self.coefficient, torch.Tensor) and self.coefficient == 0.0):
                 return None
             x = args[0]
             if not prepared:
                 prepared.extend(prepare_correction(layer, d, x.device, x.dtype) for d in deltas)
-            if x.shape[0] != self.batch:
-                rows = [rows_for_layer(r, self.batch, x.shape[0]) for r in rows]
-                if isinstance(coefficient, torch.Tensor):
-                    coefficient = coefficient.repeat_interleave(x.shape[0] // self.batch)
+            rows, coefficient = self._layer_rows(x, self.coefficient)
             if out.requires_grad:
                 out = out.clone()
             for correction in prepared:
@@ -226,41 +249,58 @@ class _Run:
 
         return hook
 
-    # The split route.
-    def _prepare_swaps(self):
-        """On the first weak forward (the model is loaded by then): which layers swap, and hooks for the others."""
-        self.swaps = []
+    # Weak weights.
+    def _split_forward(self, layer: torch.nn.Module, slots: dict[str, torch.nn.Parameter]):
+        """The layer's own forward, run on the fine-tuned rows as they are and on the weak rows with weak parameters."""
+        own = type(layer).forward.__get__(layer)
+        params = layer._parameters
+
+        def forward(x, *args, **kwargs):
+            if self.rows is None or self.coefficient == 0.0:
+                return own(x, *args, **kwargs)
+            outs = []
+            for chunk, weak in _segments(self._layer_rows(x, None)[0], x.shape[0]):
+                if not weak:
+                    outs.append(own(x[chunk], *args, **kwargs))
+                    continue
+                saved = {name: params[name] for name in slots}
+                params.update(slots)
+                try:
+                    outs.append(own(x[chunk], *args, **kwargs))
+                finally:
+                    params.update(saved)
+            return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+        return forward
+
+    def _prepare_split(self):
+        """On the first weak forward (the model is loaded by then): which layers split, and hooks for the others."""
+        self.split = []
         for path, slots in self.workspace.layers.items():
             layer = self.parent.get_submodule(path)
-            (delta,) = self.deltas[path]
-            if _can_swap(layer, slots):
-                self.swaps.append((layer, slots, delta))
+            if _can_split(layer, slots):
+                (delta,) = self.deltas[path]
+                self.split.append((layer, slots, delta))
+                layer.forward = self._split_forward(layer, slots)
             else:
                 self._add_hook(path, self.deltas[path])
-        if len(self.swaps) < len(self.workspace.layers):
+        if len(self.split) < len(self.workspace.layers):
             log.info("Personalization guidance: %d of %d layers are cast or patched on the fly (low VRAM) and get "
-                     "the weak correction instead of weak weights.", len(self.workspace.layers) - len(self.swaps),
+                     "the weak correction instead of weak weights.", len(self.workspace.layers) - len(self.split),
                      len(self.workspace.layers))
 
     @torch.no_grad()
-    def swap_in(self):
-        """Put the weak parameters in place of the fine-tuned ones, forming them if omega changed."""
-        if self.swaps is None:
-            self._prepare_swaps()
+    def form_weak_weights(self):
+        """Before a forward with weak rows: weak parameters for the current omega, formed if it changed."""
+        if self.coefficient == 0.0:
+            return  # omega = 1: the weak model is the fine-tuned one
+        if self.split is None:
+            self._prepare_split()
         if self.formed_for != self.coefficient:
-            for layer, slots, delta in self.swaps:
+            for layer, slots, delta in self.split:
                 for name, slot in slots.items():
                     weak_parameter(layer._parameters[name], getattr(delta, name), self.coefficient, out=slot.data)
             self.formed_for = self.coefficient
-        for layer, slots, _ in self.swaps:
-            for name, slot in slots.items():
-                self.swapped.append((layer, name, layer._parameters[name]))
-                layer._parameters[name] = slot
-
-    def swap_out(self):
-        for layer, name, param in reversed(self.swapped):
-            layer._parameters[name] = param
-        self.swapped.clear()
 
 
 class _Runtime:
@@ -268,7 +308,7 @@ class _Runtime:
 
     def __init__(self, config: GuidanceConfig, workspace: WeakWorkspace | None):
         self.config = config
-        self.workspace = workspace  # set: the split route
+        self.workspace = workspace  # set: weak weights for the layers it holds
         self.run: _Run | None = None
         self._progress_cache: dict[float, float] = {}
 
@@ -302,13 +342,9 @@ class _Runtime:
         run.batch = x.shape[0]
         try:
             if run.workspace is not None:
-                if len(weak) != len(chunks):  # predict_noise never asks for this on the split route
-                    raise GuidanceInputError("Personalization guidance (full pair): the weak evaluation was batched "
-                                             "with others; another node's sampling wrapper is incompatible with it.")
-                run.swap_in()
+                run.form_weak_weights()
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         finally:
-            run.swap_out()
             run.rows = None
 
     def omega(self, model, timestep: torch.Tensor) -> float:
@@ -360,14 +396,7 @@ class _Runtime:
             batch[FT_NEGATIVE] = negative
         if self.run is not None:
             self.run.coefficient = coefficient
-        if self.workspace is not None and batch[WEAK_NULL] is not None:
-            # The split route: the fine-tuned evaluations batched as CFG's, the weak one on its own (weak weights).
-            out = comfy.samplers.calc_cond_batch(model, [c if i != WEAK_NULL else None for i, c in enumerate(batch)],
-                                                 x, timestep, model_options)
-            weak_only = [None] * WEAK_NULL + [batch[WEAK_NULL]]
-            out[WEAK_NULL] = comfy.samplers.calc_cond_batch(model, weak_only, x, timestep, model_options)[WEAK_NULL]
-        else:
-            out = comfy.samplers.calc_cond_batch(model, batch, x, timestep, model_options)
+        out = comfy.samplers.calc_cond_batch(model, batch, x, timestep, model_options)
         for fn in model_options.get("sampler_pre_cfg_function", []):
             out = fn({"conds": batch, "conds_out": out, "cond_scale": lambda_t, "timestep": timestep, "input": x,
                       "sigma": timestep, "model": model, "model_options": model_options})
@@ -387,19 +416,22 @@ class _Runtime:
         return result
 
 
-# The split route pays when the dense deltas cover at least this fraction of the diffusion model's parameters.
+# Weak weights pay when the dense deltas cover at least this fraction of the diffusion model's parameters.
 SPLIT_FRACTION = 0.5
 
 
-def _split_workspace(model: comfy.model_patcher.ModelPatcher, pair: FinetunedPair) -> WeakWorkspace | None:
-    """A workspace for the split route when it is the cheaper one (a full fine-tune), else None.
+def _split_workspace(model: comfy.model_patcher.ModelPatcher, pair: FinetunedPair) -> comfy.model_patcher.ModelPatcher | None:
+    """The workspace for weak weights when they are the cheaper way (a full fine-tune), else None.
 
-    Layers with a single dense delta swap; a model that casts its weights on every
-    forward (``manual_cast_dtype``) keeps the batched route.
+    Layers with a single dense delta take weak weights; a model that casts its weights on every
+    forward (``manual_cast_dtype``) keeps the batched route. One workspace per pair,
+    made on first use and shared by every guider of the pair (a sweep makes many;
+    ComfyUI runs one sampling at a time), so that it is allocated and loaded once.
     """
     if getattr(model.model, "manual_cast_dtype", None) is not None:
         return None
-    diffusion = model.model.diffusion_model
+    if pair.workspace is not None:
+        return pair.workspace
     shapes, dense = {}, 0
     for path, deltas in pair.deltas.items():
         if len(deltas) != 1 or not isinstance(deltas[0], DenseDelta) or not deltas[0].tensors():
@@ -407,9 +439,11 @@ def _split_workspace(model: comfy.model_patcher.ModelPatcher, pair: FinetunedPai
         layer = model.model.get_submodule(path)
         shapes[path] = {name: layer._parameters[name] for name in ("weight", "bias") if getattr(deltas[0], name) is not None}
         dense += sum(t.numel() for t in deltas[0].tensors())
-    if dense < SPLIT_FRACTION * sum(p.numel() for p in diffusion.parameters()):
+    if dense < SPLIT_FRACTION * sum(p.numel() for p in model.model.diffusion_model.parameters()):
         return None
-    return WeakWorkspace(shapes, model.offload_device)
+    pair.workspace = comfy.model_patcher.ModelPatcher(WeakWorkspace(shapes, model.offload_device),
+                                                      load_device=model.load_device, offload_device=model.offload_device)
+    return pair.workspace
 
 
 def attach(model: comfy.model_patcher.ModelPatcher, config: GuidanceConfig) -> comfy.model_patcher.ModelPatcher:
@@ -421,18 +455,17 @@ def attach(model: comfy.model_patcher.ModelPatcher, config: GuidanceConfig) -> c
         raise GuidanceInputError("This MODEL already has personalization guidance: apply it once.")
     patched = model.clone()
     pair = config.weak.pair
-    # Per-row omegas need the batched route: one forward cannot swap in several weak weight sets.
+    # Per-row omegas take the correction: one workspace holds the weak weights of one omega.
     workspace = None if config.rows is not None else _split_workspace(patched, pair)
     # What the run needs loads with the model, in the same load_models_gpu call, within ComfyUI's memory budget:
-    # the delta (batched route, or a scheduled omega), the room for weak parameters (split route).
+    # the delta (correction, or a scheduled omega), the room for weak parameters (weak weights).
     extra = []
     if workspace is None or not config.weak.schedule.is_constant:
         extra.append(pair.delta_patcher)
     if workspace is not None:
-        extra.append(comfy.model_patcher.ModelPatcher(workspace, load_device=patched.load_device,
-                                                      offload_device=patched.offload_device))
+        extra.append(workspace)
     patched.set_additional_models(WRAPPER_KEY, extra)
-    runtime = _Runtime(config, workspace)
+    runtime = _Runtime(config, None if workspace is None else workspace.model)
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, runtime.outer_sample)
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, WRAPPER_KEY, runtime.predict_noise)
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, runtime.apply_model)

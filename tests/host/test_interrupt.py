@@ -75,6 +75,7 @@ def test_interrupt_mid_sampling_leaves_weights_bit_identical(guider_factory):
     _assert_identical(loaded, _snapshot(module))
     assert _parameters(module) == params, "parameters were left swapped"
     assert _hooks(module) == hooks_before, "layer hooks were left behind"
+    assert not any("forward" in m.__dict__ for m in module.modules()), "layer forwards were left replaced"
     torch.testing.assert_close(_sample(make()), clean, rtol=0, atol=0)
 
 
@@ -93,6 +94,7 @@ def test_failure_mid_sampling_leaves_weights_bit_identical(guider_factory):
         _sample(make(), callback=fail_at_step_2)
     _assert_identical(loaded, _snapshot(module))
     assert _parameters(module) == params, "parameters were left swapped"
+    assert not any("forward" in m.__dict__ for m in module.modules()), "layer forwards were left replaced"
     torch.testing.assert_close(_sample(make()), clean, rtol=0, atol=0)
 
 

@@ -169,36 +169,27 @@ def test_sampled_latent_matches_hand_reference(setup, pair, schedule, estimate, 
 
 
 class ForwardLog:
-    """For each diffusion-model forward: its batch rows, and whether a changed layer computed with its own weight."""
+    """For each diffusion-model forward: its batch rows, and whether a changed layer runs the pack's split forward."""
 
     def __init__(self, module, layer):
         self.calls = []
-        self.own = None  # the layer's weight as loaded (ComfyUI patches a LoRA in when it loads the model)
-        self.layer = layer
-        self.handles = [module.register_forward_pre_hook(self.model_call), layer.register_forward_pre_hook(self.layer_call)]
-
-    def model_call(self, module, args):
-        if self.own is None:  # the first forward of a run is a fine-tuned one
-            self.own = self.layer.weight
-        self.calls.append([args[0].shape[0], None])
-
-    def layer_call(self, module, args):
-        self.calls[-1][1] = module.weight is self.own
+        self.handle = module.register_forward_pre_hook(
+            lambda m, args: self.calls.append([args[0].shape[0], "forward" in layer.__dict__]))
 
     def close(self):
-        for handle in self.handles:
-            handle.remove()
+        self.handle.remove()
 
 
 @pytest.mark.parametrize("pair_name,estimate,expected", [
-    # Full fine-tunes: the fine-tuned evaluations batched as CFG's, the weak one in its own forward with weak weights.
-    ("full", "two-way", [[1, True], [1, False]]),
-    ("full", "three-way", [[2, True], [1, False]]),
-    # LoRA pairs: one batched forward per step, the fine-tuned weights in place, the weak rows corrected.
-    ("lora", "two-way", [[2, True]]),
-    ("lora", "three-way", [[3, True]]),
+    # Full fine-tunes: the changed layers run their weak rows with weak weights (their forward is split by rows).
+    ("full", "two-way", [[2, True]]),
+    ("full", "three-way", [[3, True]]),
+    # LoRA pairs: the layers run as they are, and a hook corrects the weak rows.
+    ("lora", "two-way", [[2, False]]),
+    ("lora", "three-way", [[3, False]]),
 ])
 def test_route_per_pair_kind(setup, pair_name, estimate, expected):
+    """One batched forward per step on both routes, as CFG's; the layers are restored after the run."""
     nodes = setup["nodes"]
     pair = setup["pairs"][pair_name][0]
     layer = pair.finetuned.model.get_submodule(next(iter(pair.deltas)))
@@ -209,14 +200,26 @@ def test_route_per_pair_kind(setup, pair_name, estimate, expected):
     guider = nodes.guider.PersonalizationGuider.execute(
         pair.finetuned, weak, comfy_cond(conds["c"]), comfy_cond(conds["null"]), est, LAMBDA, LAMBDA_P, negative=neg).args[0]
     noise, latent, sigmas = sample_inputs(pair.finetuned)
+    params = {name: id(p) for name, p in pair.finetuned.model.named_parameters()}
     log = ForwardLog(pair.finetuned.model.diffusion_model, layer)
     try:
         with torch.inference_mode():
             guider.sample(noise, latent, comfy.samplers.sampler_object("euler"), sigmas, seed=0)
     finally:
         log.close()
+    # The linear schedule starts at omega 0; its first step already has weak rows.
     assert log.calls == expected * STEPS
-    assert layer.weight is log.own  # swapped back
+    assert not any("forward" in m.__dict__ for m in pair.finetuned.model.modules())
+    assert {name: id(p) for name, p in pair.finetuned.model.named_parameters()} == params
+    extra = guider.model_patcher.get_additional_models_with_key(nodes.core.runtime.WRAPPER_KEY)
+    if pair_name == "full":
+        # One workspace per pair, loaded with the model; the delta too where omega moves (it is scheduled here).
+        assert extra == [pair.delta_patcher, pair.workspace]
+        again = nodes.guider.PersonalizationGuider.execute(
+            pair.finetuned, weak, comfy_cond(conds["c"]), comfy_cond(conds["null"]), est, LAMBDA, LAMBDA_P, negative=neg).args[0]
+        assert again.model_patcher.get_additional_models_with_key(nodes.core.runtime.WRAPPER_KEY)[1] is pair.workspace
+    else:
+        assert extra == [pair.delta_patcher] and pair.workspace is None
 
 
 @pytest.mark.parametrize("pair_name,schedule", [("lora", "linear"), ("full", "constant"), ("full", "linear")])
