@@ -152,6 +152,8 @@ class WeakWorkspace(torch.nn.Module):
 
     def __init__(self, shapes: dict[str, dict[str, torch.Tensor]], device: torch.device):
         super().__init__()
+        # What the slots hold weak parameters for: (omega - 1, the loaded weights' patches uuid, the layers formed).
+        self.formed_for: tuple | None = None
         self.layers: dict[str, dict[str, torch.nn.Parameter]] = {}
         for path, params in shapes.items():
             slots = {}
@@ -203,8 +205,7 @@ class _Run:
         self.handles = []
         self.parent = diffusion_parent
         self.workspace = workspace
-        self.split: list[tuple[torch.nn.Module, dict[str, torch.nn.Parameter], DenseDelta]] | None = None
-        self.formed_for: float | None = None  # the coefficient the workspace holds weak parameters for
+        self.split: list[tuple[str, torch.nn.Module, dict[str, torch.nn.Parameter], DenseDelta]] | None = None
         self.deltas = pair.deltas
         for path, deltas in pair.deltas.items():
             if workspace is None or path not in workspace.layers:
@@ -215,7 +216,7 @@ class _Run:
         self.handles.append(layer.register_forward_hook(self._hook(layer, deltas)))
 
     def close(self):
-        for layer, _, _ in self.split or []:
+        for _, layer, _, _ in self.split or []:
             layer.__dict__.pop("forward", None)
         for handle in self.handles:
             handle.remove()
@@ -280,7 +281,7 @@ class _Run:
             layer = self.parent.get_submodule(path)
             if _can_split(layer, slots):
                 (delta,) = self.deltas[path]
-                self.split.append((layer, slots, delta))
+                self.split.append((path, layer, slots, delta))
                 layer.forward = self._split_forward(layer, slots)
             else:
                 self._add_hook(path, self.deltas[path])
@@ -291,16 +292,23 @@ class _Run:
 
     @torch.no_grad()
     def form_weak_weights(self):
-        """Before a forward with weak rows: weak parameters for the current omega, formed if it changed."""
+        """Before a forward with weak rows: weak parameters for the current omega, formed unless the workspace
+        already holds them (same omega, same loaded weights, same layers: e.g. the next run with a constant omega)."""
         if self.coefficient == 0.0:
             return  # omega = 1: the weak model is the fine-tuned one
         if self.split is None:
             self._prepare_split()
-        if self.formed_for != self.coefficient:
-            for layer, slots, delta in self.split:
+        loaded = getattr(self.parent, "current_weight_patches_uuid", None)
+        patcher = getattr(self.parent, "current_patcher", None)
+        if patcher is not None and patcher.hook_patches:
+            loaded = None  # hooks on the conditioning may patch weights during the run: form every time
+        key = (self.coefficient, loaded, tuple(path for path, *_ in self.split))
+        if loaded is None or self.workspace.formed_for != key:
+            self.workspace.formed_for = None  # an interrupted forming leaves nothing to trust
+            for _, layer, slots, delta in self.split:
                 for name, slot in slots.items():
                     weak_parameter(layer._parameters[name], getattr(delta, name), self.coefficient, out=slot.data)
-            self.formed_for = self.coefficient
+            self.workspace.formed_for = key
 
 
 class _Runtime:
@@ -311,6 +319,7 @@ class _Runtime:
         self.workspace = workspace  # set: weak weights for the layers it holds
         self.run: _Run | None = None
         self._progress_cache: dict[float, float] = {}
+        self._progress_sampling = None
 
     # OUTER_SAMPLE
     def outer_sample(self, executor, *args, **kwargs):
@@ -321,7 +330,6 @@ class _Runtime:
         if null is not None and not _same_conditioning(null, guider.original_conds.get("negative")):
             guider.conds[NULL_KEY] = comfy.sampler_helpers.convert_cond(null)
         self.run = _Run(self.config.weak.pair, guider.model_patcher.model, self.workspace)
-        self._progress_cache.clear()
         try:
             return executor(*args, **kwargs)
         finally:
@@ -352,6 +360,9 @@ class _Runtime:
         if schedule.is_constant:
             return schedule.omega_start
         sigma = float(timestep.flatten()[0])
+        # Progress depends on the sigma and the model's sampling alone: kept across runs (a bisection costs ~1 ms).
+        if self._progress_sampling is not model.model_sampling or len(self._progress_cache) > 4096:
+            self._progress_sampling, self._progress_cache = model.model_sampling, {}
         p = self._progress_cache.get(sigma)
         if p is None:
             p = self._progress_cache[sigma] = progress_of_sigma(model.model_sampling, sigma)

@@ -257,3 +257,43 @@ def test_low_vram_partial_load_matches_hand_reference(setup, pair_name, schedule
         assert "cast or patched on the fly" in caplog.text  # some layers swapped, the cast ones corrected
     expected, _ = run_reference(setup, pair_name, schedule, "two-way", False)
     reference.close(ours, expected)
+
+
+def test_weak_weights_are_formed_once_per_value_of_omega(setup, monkeypatch):
+    """Constant omega: formed by the first run, reused by the next (same loaded weights). A schedule: once per
+    value that omega takes with weak rows to run (omega 1 needs none)."""
+    nodes = setup["nodes"]
+    pair = setup["pairs"]["full"][0]
+    runtime = nodes.core.runtime
+    formed = []
+    weak_parameter = runtime.weak_parameter
+
+    def counting(finetuned, delta, coefficient, out=None):
+        formed.append(coefficient)
+        return weak_parameter(finetuned, delta, coefficient, out=out)
+
+    monkeypatch.setattr(runtime, "weak_parameter", counting)
+    conds = setup["conds"]
+
+    def sample(schedule):
+        weak = nodes.weak_model.WeakModelInterpolator.execute(pair, **SCHEDULES[schedule][0]).args[0]
+        guider = nodes.guider.PersonalizationGuider.execute(
+            pair.finetuned, weak, comfy_cond(conds["c"]), comfy_cond(conds["null"]), "two-way (paper)", LAMBDA, 1.0).args[0]
+        noise, latent, sigmas = sample_inputs(pair.finetuned)
+        with torch.inference_mode():
+            return guider.sample(noise, latent, comfy.samplers.sampler_object("euler"), sigmas, seed=0)
+
+    first = sample("constant")
+    assert pair.workspace is not None
+    slots = sum(len(s) for s in pair.workspace.model.layers.values())
+    assert formed == [0.3 - 1.0] * slots
+    second = sample("constant")
+    assert len(formed) == slots  # nothing formed again
+    assert torch.equal(first, second)
+
+    formed.clear()
+    sample("linear")
+    _, omegas = run_reference(setup, "full", "linear", "two-way", False)
+    expected = [o - 1.0 for o in dict.fromkeys(omegas) if o != 1.0]
+    # (the reference computes progress exactly, the pack inverts sigma by bisection: equal to 1e-3)
+    assert formed[::slots] == pytest.approx(expected, abs=1e-3) and len(formed) == slots * len(expected)
