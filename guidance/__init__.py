@@ -30,6 +30,7 @@ from .estimates import (
     combine,
     estimate_weights,
     plan_evaluations,
+    plan_for_rows,
     three_way,
     two_way,
 )
@@ -66,6 +67,7 @@ __all__ = [
     "parse_preset",
     "parse_values",
     "plan_evaluations",
+    "plan_for_rows",
     "prepare_correction",
     "preset_from_dict",
     "rows_for_layer",

@@ -12,6 +12,7 @@ personalization and text scales.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from torch import Tensor
@@ -75,6 +76,23 @@ def plan_evaluations(lambda_p: float, lambda_t: float, omega: float, negative_is
         ft_positive=not math.isclose(lambda_t, 0.0),
         ft_negative=True,
         weak_null=not skip_weak,
+    )
+
+
+def plan_for_rows(
+    lambdas_p: Sequence[float], lambdas_t: Sequence[float], omegas: Sequence[float], negative_is_null: bool
+) -> Evaluations:
+    """The evaluations for rows that each have their own scales and omega but share one batch (PG Sweep).
+
+    What any row needs: an evaluation is left out only where its terms cancel for
+    every row, so ``combine`` with this plan and per-row scales (tensors) gives every
+    row its own estimate.
+    """
+    plans = [plan_evaluations(p, t, o, negative_is_null) for p, t, o in zip(lambdas_p, lambdas_t, omegas, strict=True)]
+    return Evaluations(
+        ft_positive=any(plan.ft_positive for plan in plans),
+        ft_negative=any(plan.ft_negative for plan in plans),
+        weak_null=any(plan.weak_null for plan in plans),
     )
 
 

@@ -117,8 +117,8 @@ class Sweep(io.ComfyNode):
                 "sigmas, and lays the images out in a grid: rows are omega, columns lambda, labelled. Takes what the "
                 "Personalization Guider and SamplerCustomAdvanced take. Combinations are sampled together in one "
                 "batch where that cannot change the images (a sampler that draws no noise of its own, such as euler or "
-                "dpmpp_2m, and enough memory), else one after the other; each image equals what the guider would "
-                "sample with those values."
+                "dpmpp_2m, and enough memory), else one after the other; each image is what the guider would "
+                "sample with those values (to floating-point rounding when batched)."
             ),
             inputs=[
                 model_input(),
@@ -250,7 +250,7 @@ class Sweep(io.ComfyNode):
         previewer = latent_preview.get_previewer(model.load_device, model.model.latent_format)
 
         images = []
-        for index, (group, guider) in enumerate(zip(groups, guiders)):
+        for index, (group, guider) in enumerate(zip(groups, guiders, strict=True)):
             def callback(step, x0, x, total_steps, done=index * steps):
                 preview = previewer.decode_latent_to_preview_image("JPEG", x0) if previewer else None
                 progress.update_absolute(done + step + 1, preview=preview)

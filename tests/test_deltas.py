@@ -428,6 +428,15 @@ LORA_LAYERS = {
 }
 
 
+def _random_lora_layer(name, g, rank):
+    """A layer of LORA_LAYERS with random parameters drawn from ``g``, its input and LoRA factors."""
+    layer, x, up, down = LORA_LAYERS[name](g, rank)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(randn(g, *p.shape))
+    return layer, x, up, down
+
+
 @pytest.mark.parametrize("name", list(LORA_LAYERS))
 @FAST
 @given(
@@ -439,10 +448,7 @@ LORA_LAYERS = {
 )
 def test_low_rank_delta_equals_hand_materialized_weight(name, seed, omega, rows, rank, scale):
     g = gen(seed)
-    layer, x, up, down = LORA_LAYERS[name](g, rank)
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.copy_(randn(g, *p.shape))
+    layer, x, up, down = _random_lora_layer(name, g, rank)
     w_pre = layer.weight.detach().clone()
     lora = (up.flatten(1) @ down.flatten(1)).reshape(w_pre.shape)
     with torch.no_grad():  # theta_ft = theta_pre + s * lora
@@ -477,10 +483,7 @@ def row_slices(draw, batch: int):
 def test_prepared_low_rank_correction_equals_hand_materialized_weight(name, seed, omega, rows, rank, scale):
     """The fused in-place route of the sampling loop gives what the weak weights give, on a chunk of rows."""
     g = gen(seed)
-    layer, x, up, down = LORA_LAYERS[name](g, rank)
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.copy_(randn(g, *p.shape))
+    layer, x, up, down = _random_lora_layer(name, g, rank)
     lora = (up.flatten(1) @ down.flatten(1)).reshape(layer.weight.shape)
     ref = _by_hand(layer, weight=layer.weight.detach() + (omega - 1.0) * scale * lora)
     out = layer(x)
@@ -510,10 +513,7 @@ def test_per_row_coefficients_give_each_row_its_own_weak_model(kind, seed, omega
     """A 1-D coefficient gives row i the weak model of omega[i] (PG Sweep's batched combinations)."""
     g = gen(seed)
     if kind.startswith("lora"):
-        layer, x, up, down = LORA_LAYERS[kind[5:]](g, 2)
-        with torch.no_grad():
-            for p in layer.parameters():
-                p.copy_(randn(g, *p.shape))
+        layer, x, up, down = _random_lora_layer(kind[5:], g, 2)
         delta = LowRankDelta(up, down, 0.5)
         dw = 0.5 * (up.flatten(1) @ down.flatten(1)).reshape(layer.weight.shape)
     else:
@@ -525,7 +525,7 @@ def test_per_row_coefficients_give_each_row_its_own_weak_model(kind, seed, omega
     prepared = layer(x)
     prepare_correction(layer, delta, x.device, x.dtype).add(x, prepared, rows, coefficient)
     generic = add_weak_correction(layer, x, layer(x), delta, rows, coefficient)
-    for i, o in zip(range(1, 3), omega):
+    for i, o in zip(range(1, 3), omega, strict=True):
         weak = _by_hand(layer, weight=layer.weight.detach() + (o - 1.0) * dw)(x)
         tol = 1e-5 * (1.0 + float(weak.abs().max()))
         torch.testing.assert_close(prepared[i], weak[i], rtol=1e-5, atol=tol)

@@ -14,7 +14,17 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from guidance import Evaluations, GuidanceInputError, cfg, check_scale, combine, plan_evaluations, three_way, two_way
+from guidance import (
+    Evaluations,
+    GuidanceInputError,
+    cfg,
+    check_scale,
+    combine,
+    plan_evaluations,
+    plan_for_rows,
+    three_way,
+    two_way,
+)
 from guidance.estimates import SCALE_MAX, SCALE_MIN
 
 FAST = settings(max_examples=50, deadline=None, database=None)
@@ -337,3 +347,40 @@ def test_check_scale_accepts_ints_and_bounds():
     assert check_scale("lambda", 7) == 7.0 and type(check_scale("lambda", 7)) is float
     assert check_scale("lambda", SCALE_MIN) == SCALE_MIN
     assert check_scale("lambda", SCALE_MAX) == SCALE_MAX
+
+
+# ---------------------------------------------------------------------------- plan_for_rows
+
+# Values where the plan's cancellations happen, mixed with others.
+_special_scales = st.sampled_from([0.0, 1.0, 2.5, 7.0])
+
+
+@FAST
+@given(
+    rows=st.lists(st.tuples(_special_scales, _special_scales, st.sampled_from([0.0, 0.4, 1.0])), min_size=1, max_size=5),
+    negative_is_null=st.booleans(),
+    same_scales=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_plan_for_rows_gives_every_row_its_own_three_way_estimate(rows, negative_is_null, same_scales, seed):
+    """combine() with the rows' plan and per-row scales equals the three-way formula row by row, written out by hand
+    from the definitions (D_w(null) is D_ft(n) where omega is 1 and n is null)."""
+    lambdas_p = [p for p, _, _ in rows]
+    lambdas_t = lambdas_p if same_scales else [t for _, t, _ in rows]  # two-way rows: lambda_p == lambda_t
+    omegas = [o for _, _, o in rows]
+    plan = plan_for_rows(lambdas_p, lambdas_t, omegas, negative_is_null)
+    assert plan == Evaluations(*(any(getattr(plan_evaluations(p, t, o, negative_is_null), f) for p, t, o in
+                                     zip(lambdas_p, lambdas_t, omegas, strict=True))
+                                 for f in ("ft_positive", "ft_negative", "weak_null")))
+    g = torch.Generator().manual_seed(seed)
+    d_c, d_n, d_w = (torch.randn(len(rows), 3, generator=g, dtype=torch.float64) for _ in range(3))
+    for i, omega in enumerate(omegas):
+        if omega == 1.0 and negative_is_null:
+            d_w[i] = d_n[i]
+    expected = torch.stack([
+        d_w[i] + lambdas_p[i] * (d_n[i] - d_w[i]) + lambdas_t[i] * (d_c[i] - d_n[i]) for i in range(len(rows))
+    ])
+    scale = lambda values: torch.tensor(values, dtype=torch.float64).view(-1, 1)  # noqa: E731
+    got = combine(plan, d_c if plan.ft_positive else None, d_n if plan.ft_negative else None,
+                  d_w if plan.weak_null else None, scale(lambdas_p), scale(lambdas_t))
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)

@@ -50,6 +50,7 @@ from ...guidance import (
     combine,
     omega_at,
     plan_evaluations,
+    plan_for_rows,
     prepare_correction,
     rows_for_layer,
     weak_parameter,
@@ -385,14 +386,11 @@ class _Runtime:
             evaluations = plan_evaluations(lambda_p, lambda_t, omega, negative_is_null)
             coefficient = omega - 1.0
         else:
-            # One batch, one omega and scale per row: every evaluation that any row needs (an evaluation is left
-            # out only where its terms cancel for every row, so the estimate's form holds for all of them).
+            # One batch, one omega and scale per row.
             n = len(rows.omega)
             lambdas_t = rows.lambda_t or (lambda_t,) * n
             lambdas_p = (rows.lambda_p or (lambda_p,) * n) if three_way else lambdas_t
-            plans = [plan_evaluations(p, t, o, negative_is_null) for p, t, o in zip(lambdas_p, lambdas_t, rows.omega)]
-            evaluations = dataclasses.replace(plans[0], **{f.name: any(getattr(p, f.name) for p in plans)
-                                                           for f in dataclasses.fields(plans[0])})
+            evaluations = plan_for_rows(lambdas_p, lambdas_t, rows.omega, negative_is_null)
             coefficient = torch.tensor(rows.omega, device=x.device, dtype=torch.float32) - 1.0
             lambda_t, lambda_p = (torch.tensor(v, device=x.device, dtype=x.dtype).view(-1, *[1] * (x.dim() - 1))
                                   for v in (lambdas_t, lambdas_p))
