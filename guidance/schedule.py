@@ -61,11 +61,14 @@ class OmegaSchedule:
         return cls(OmegaShape.CONSTANT, omega, omega)
 
     @property
+    def is_flat(self) -> bool:
+        """True when omega is one value inside the guidance interval (it is 1 outside)."""
+        return self.shape == OmegaShape.CONSTANT or self.omega_start == self.omega_end
+
+    @property
     def is_constant(self) -> bool:
         """True when omega is one value over the whole run (no interval, no ramp)."""
-        full_run = self.p_start == 0.0 and self.p_end == 1.0
-        flat = self.shape == OmegaShape.CONSTANT or self.omega_start == self.omega_end
-        return full_run and flat
+        return self.is_flat and self.p_start == 0.0 and self.p_end == 1.0
 
 
 def omega_at(schedule: OmegaSchedule, p: float) -> float:

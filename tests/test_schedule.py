@@ -220,6 +220,18 @@ def test_is_constant_agrees_with_sampled_omega(s):
     assert s.is_constant == (full_run and flat)
 
 
+@FAST
+@given(s=schedules(shapes))
+def test_is_flat_means_one_omega_inside_the_interval(s):
+    """is_flat promises one omega other than 1 at most, over the whole run (the weak weights then never move)."""
+    grid = [s.p_start + (s.p_end - s.p_start) * i / 64 for i in range(65)] + [i / 64 for i in range(65)]
+    weak_values = {omega_at(s, p) for p in grid} - {1.0}
+    if s.is_flat:
+        assert len(weak_values) <= 1
+    elif s.p_end > s.p_start:  # a ramp over an interval of some width
+        assert len(weak_values) > 1
+
+
 @pytest.mark.parametrize(
     "schedule",
     [

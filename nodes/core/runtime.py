@@ -19,9 +19,12 @@ cond and uncond. The weak rows of each changed layer compute theta_pre + omega *
   LoRA. One copy of the base weights.
 - Weak weights (full fine-tunes, which change nearly every weight, so that a
   correction would pass the weak rows through every layer twice): the layer runs its
-  fine-tuned rows with theta_ft and its weak rows with weak parameters, formed in a
-  workspace at most once per value of omega. Two weight sets on the device, as with
-  two separate UNets, plus the delta when omega is scheduled.
+  fine-tuned rows with theta_ft and its weak rows with weak parameters. Where omega
+  takes one value (a flat schedule) they are formed once in a workspace that stays
+  loaded (theta_ft and theta_w on the device, the delta in system memory); where it
+  moves, each layer forms them just in time from theta_ft and the delta in a scratch
+  buffer the size of the largest layer (theta_ft and the delta on the device). Two
+  weight sets either way (SPEC.md), as with two separate UNets.
 
 Both exist only during a run: hooks are removed and layer forwards restored in
 ``finally``; the weights themselves are never written.
@@ -165,7 +168,12 @@ class WeakWorkspace(torch.nn.Module):
             self.layers[path] = slots
 
 
-def _can_split(layer: torch.nn.Module, slots: dict[str, torch.nn.Parameter]) -> bool:
+def _single_dense(deltas: list[LayerDelta]) -> bool:
+    """True for a layer whose delta is one dense delta: a layer that can run its weak rows with weak weights."""
+    return len(deltas) == 1 and isinstance(deltas[0], DenseDelta) and bool(deltas[0].tensors())
+
+
+def _can_split(layer: torch.nn.Module, delta: DenseDelta, slots: dict[str, torch.nn.Parameter] | None) -> bool:
     """True when ``layer`` computes with its parameters as they are, so that running rows with others is exact.
 
     Not so when ComfyUI casts or patches them on the fly (low-VRAM loads, weight
@@ -176,9 +184,14 @@ def _can_split(layer: torch.nn.Module, slots: dict[str, torch.nn.Parameter]) -> 
         return False
     if "forward" in layer.__dict__:
         return False
-    for name, slot in slots.items():
+    for name in ("weight", "bias"):
+        if getattr(delta, name) is None:
+            continue
         param = layer._parameters.get(name)
-        if param is None or param.device != slot.device or param.dtype != slot.dtype or param.shape != slot.shape:
+        if param is None:
+            return False
+        slot = None if slots is None else slots[name]
+        if slot is not None and (param.device != slot.device or param.dtype != slot.dtype or param.shape != slot.shape):
             return False
     return True
 
@@ -199,17 +212,21 @@ def _segments(weak: list[slice], size: int) -> list[tuple[slice, bool]]:
 class _Run:
     """State of one sampling run: which rows are weak in the current forward, and the per-layer machinery."""
 
-    def __init__(self, pair: FinetunedPair, diffusion_parent: torch.nn.Module, workspace: WeakWorkspace | None):
+    def __init__(self, pair: FinetunedPair, diffusion_parent: torch.nn.Module, weak_weights: bool,
+                 workspace: WeakWorkspace | None):
         self.coefficient: float | torch.Tensor = 0.0  # omega - 1: one value, or one per latent row (RowScales)
         self.rows: list[slice] | None = None  # the weak chunks of the current forward's batch
         self.batch = 0
         self.handles = []
         self.parent = diffusion_parent
-        self.workspace = workspace
-        self.split: list[tuple[str, torch.nn.Module, dict[str, torch.nn.Parameter], DenseDelta]] | None = None
         self.deltas = pair.deltas
+        self.workspace = workspace  # weak weights formed once (flat schedules); None: formed just in time
+        self.scratch: dict[tuple, torch.Tensor] = {}  # just in time: one buffer per device and dtype
+        # Weak weights: the layers that run their weak rows with them, decided on the first weak forward.
+        self.weak_weights = weak_weights
+        self.split: list[tuple[str, torch.nn.Module, DenseDelta]] | None = None
         for path, deltas in pair.deltas.items():
-            if workspace is None or path not in workspace.layers:
+            if not (weak_weights and _single_dense(deltas)):
                 self._add_hook(path, deltas)
 
     def _add_hook(self, path: str, deltas: list[LayerDelta]):
@@ -217,11 +234,12 @@ class _Run:
         self.handles.append(layer.register_forward_hook(self._hook(layer, deltas)))
 
     def close(self):
-        for _, layer, _, _ in self.split or []:
+        for _, layer, _ in self.split or []:
             layer.__dict__.pop("forward", None)
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
+        self.scratch.clear()
 
     def _layer_rows(self, x: torch.Tensor, coefficient):
         """The weak rows (and per-row coefficients) as the layer sees them: some layers expand each batch row."""
@@ -252,10 +270,11 @@ class _Run:
         return hook
 
     # Weak weights.
-    def _split_forward(self, layer: torch.nn.Module, slots: dict[str, torch.nn.Parameter]):
+    def _split_forward(self, path: str, layer: torch.nn.Module, delta: DenseDelta):
         """The layer's own forward, run on the fine-tuned rows as they are and on the weak rows with weak parameters."""
         own = type(layer).forward.__get__(layer)
         params = layer._parameters
+        names = [name for name in ("weight", "bias") if getattr(delta, name) is not None]
 
         def forward(x, *args, **kwargs):
             if self.rows is None or self.coefficient == 0.0:
@@ -265,8 +284,8 @@ class _Run:
                 if not weak:
                     outs.append(own(x[chunk], *args, **kwargs))
                     continue
-                saved = {name: params[name] for name in slots}
-                params.update(slots)
+                saved = {name: params[name] for name in names}
+                params.update(self.workspace.layers[path] if self.workspace is not None else self._formed(layer, delta, names))
                 try:
                     outs.append(own(x[chunk], *args, **kwargs))
                 finally:
@@ -275,39 +294,59 @@ class _Run:
 
         return forward
 
+    @torch.no_grad()
+    def _formed(self, layer: torch.nn.Module, delta: DenseDelta, names: list[str]) -> dict[str, torch.Tensor]:
+        """Just in time: the layer's weak parameters for the current omega, in the run's scratch buffer."""
+        like = layer._parameters[names[0]]
+        need = sum(layer._parameters[name].numel() for name in names)
+        key = (like.device, like.dtype)
+        buffer = self.scratch.get(key)
+        if buffer is None or buffer.numel() < need:
+            largest = max(sum(getattr(l, n).numel() for n in ("weight", "bias") if getattr(d, n) is not None)
+                          for _, l, d in self.split)
+            buffer = self.scratch[key] = torch.empty(max(need, largest), device=like.device, dtype=like.dtype)
+        out, at = {}, 0
+        for name in names:
+            param = layer._parameters[name]
+            slot = buffer[at:at + param.numel()].view(param.shape)
+            out[name] = weak_parameter(param, getattr(delta, name), self.coefficient, out=slot)
+            at += param.numel()
+        return out
+
     def _prepare_split(self):
         """On the first weak forward (the model is loaded by then): which layers split, and hooks for the others."""
         self.split = []
-        for path, slots in self.workspace.layers.items():
+        candidates = [(path, ds[0]) for path, ds in self.deltas.items() if _single_dense(ds)]
+        for path, delta in candidates:
             layer = self.parent.get_submodule(path)
-            if _can_split(layer, slots):
-                (delta,) = self.deltas[path]
-                self.split.append((path, layer, slots, delta))
-                layer.forward = self._split_forward(layer, slots)
+            if _can_split(layer, delta, None if self.workspace is None else self.workspace.layers[path]):
+                self.split.append((path, layer, delta))
+                layer.forward = self._split_forward(path, layer, delta)
             else:
-                self._add_hook(path, self.deltas[path])
-        if len(self.split) < len(self.workspace.layers):
+                self._add_hook(path, [delta])
+        if len(self.split) < len(candidates):
             log.info("Personalization guidance: %d of %d layers are cast or patched on the fly (low VRAM) and get "
-                     "the weak correction instead of weak weights.", len(self.workspace.layers) - len(self.split),
-                     len(self.workspace.layers))
+                     "the weak correction instead of weak weights.", len(candidates) - len(self.split), len(candidates))
 
     @torch.no_grad()
-    def form_weak_weights(self):
-        """Before a forward with weak rows: weak parameters for the current omega, formed unless the workspace
-        already holds them (same omega, same loaded weights, same layers: e.g. the next run with a constant omega)."""
-        if self.coefficient == 0.0:
-            return  # omega = 1: the weak model is the fine-tuned one
+    def before_weak_forward(self):
+        """Weak weights: the split on the first weak forward; the workspace formed for the current omega unless it
+        already holds it (same omega, same loaded weights, same layers: e.g. the next run with a constant omega)."""
+        if not self.weak_weights or self.coefficient == 0.0:
+            return  # the correction only; or omega = 1: the weak model is the fine-tuned one
         if self.split is None:
             self._prepare_split()
+        if self.workspace is None:
+            return
         loaded = getattr(self.parent, "current_weight_patches_uuid", None)
         patcher = getattr(self.parent, "current_patcher", None)
         if patcher is not None and patcher.hook_patches:
             loaded = None  # hooks on the conditioning may patch weights during the run: form every time
-        key = (self.coefficient, loaded, tuple(path for path, *_ in self.split))
+        key = (self.coefficient, loaded, tuple(path for path, _, _ in self.split))
         if loaded is None or self.workspace.formed_for != key:
             self.workspace.formed_for = None  # an interrupted forming leaves nothing to trust
-            for _, layer, slots, delta in self.split:
-                for name, slot in slots.items():
+            for path, layer, delta in self.split:
+                for name, slot in self.workspace.layers[path].items():
                     weak_parameter(layer._parameters[name], getattr(delta, name), self.coefficient, out=slot.data)
             self.workspace.formed_for = key
 
@@ -315,9 +354,10 @@ class _Run:
 class _Runtime:
     """The wrappers of one attached MODEL. Holds the config, and the current run while sampling."""
 
-    def __init__(self, config: GuidanceConfig, workspace: WeakWorkspace | None):
+    def __init__(self, config: GuidanceConfig, weak_weights: bool, workspace: WeakWorkspace | None):
         self.config = config
-        self.workspace = workspace  # set: weak weights for the layers it holds
+        self.weak_weights = weak_weights
+        self.workspace = workspace
         self.run: _Run | None = None
         self._progress_cache: dict[float, float] = {}
         self._progress_sampling = None
@@ -330,7 +370,7 @@ class _Runtime:
         null = self.config.null
         if null is not None and not _same_conditioning(null, guider.original_conds.get("negative")):
             guider.conds[NULL_KEY] = comfy.sampler_helpers.convert_cond(null)
-        self.run = _Run(self.config.weak.pair, guider.model_patcher.model, self.workspace)
+        self.run = _Run(self.config.weak.pair, guider.model_patcher.model, self.weak_weights, self.workspace)
         try:
             return executor(*args, **kwargs)
         finally:
@@ -350,8 +390,7 @@ class _Runtime:
         run.rows = [slice(i * per_chunk, (i + 1) * per_chunk) for i in weak]
         run.batch = x.shape[0]
         try:
-            if run.workspace is not None:
-                run.form_weak_weights()
+            run.before_weak_forward()
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         finally:
             run.rows = None
@@ -429,29 +468,29 @@ class _Runtime:
 SPLIT_FRACTION = 0.5
 
 
-def _split_workspace(model: comfy.model_patcher.ModelPatcher, pair: FinetunedPair) -> comfy.model_patcher.ModelPatcher | None:
-    """The workspace for weak weights when they are the cheaper way (a full fine-tune), else None.
+def _prefers_weak_weights(model: comfy.model_patcher.ModelPatcher, pair: FinetunedPair) -> bool:
+    """True when weak weights are the cheaper way for this pair (a full fine-tune): see the module docstring.
 
-    Layers with a single dense delta take weak weights; a model that casts its weights on every
-    forward (``manual_cast_dtype``) keeps the batched route. One workspace per pair,
-    made on first use and shared by every guider of the pair (a sweep makes many;
-    ComfyUI runs one sampling at a time), so that it is allocated and loaded once.
+    A model that casts its weights on every forward (``manual_cast_dtype``) keeps the correction.
     """
     if getattr(model.model, "manual_cast_dtype", None) is not None:
-        return None
-    if pair.workspace is not None:
-        return pair.workspace
-    shapes, dense = {}, 0
-    for path, deltas in pair.deltas.items():
-        if len(deltas) != 1 or not isinstance(deltas[0], DenseDelta) or not deltas[0].tensors():
-            continue
-        layer = model.model.get_submodule(path)
-        shapes[path] = {name: layer._parameters[name] for name in ("weight", "bias") if getattr(deltas[0], name) is not None}
-        dense += sum(t.numel() for t in deltas[0].tensors())
-    if dense < SPLIT_FRACTION * sum(p.numel() for p in model.model.diffusion_model.parameters()):
-        return None
-    pair.workspace = comfy.model_patcher.ModelPatcher(WeakWorkspace(shapes, model.offload_device),
-                                                      load_device=model.load_device, offload_device=model.offload_device)
+        return False
+    dense = sum(t.numel() for deltas in pair.deltas.values() if _single_dense(deltas) for t in deltas[0].tensors())
+    return dense >= SPLIT_FRACTION * sum(p.numel() for p in model.model.diffusion_model.parameters())
+
+
+def _workspace(model: comfy.model_patcher.ModelPatcher, pair: FinetunedPair) -> comfy.model_patcher.ModelPatcher:
+    """The pair's workspace for weak weights formed once. Made on first use and shared by every guider of the pair
+    (a sweep makes many; ComfyUI runs one sampling at a time), so that it is allocated and loaded once."""
+    if pair.workspace is None:
+        shapes = {}
+        for path, deltas in pair.deltas.items():
+            if _single_dense(deltas):
+                layer = model.model.get_submodule(path)
+                shapes[path] = {name: layer._parameters[name] for name in ("weight", "bias")
+                                if getattr(deltas[0], name) is not None}
+        pair.workspace = comfy.model_patcher.ModelPatcher(WeakWorkspace(shapes, model.offload_device),
+                                                          load_device=model.load_device, offload_device=model.offload_device)
     return pair.workspace
 
 
@@ -464,17 +503,13 @@ def attach(model: comfy.model_patcher.ModelPatcher, config: GuidanceConfig) -> c
         raise GuidanceInputError("This MODEL already has personalization guidance: apply it once.")
     patched = model.clone()
     pair = config.weak.pair
-    # Per-row omegas take the correction: one workspace holds the weak weights of one omega.
-    workspace = None if config.rows is not None else _split_workspace(patched, pair)
+    # Per-row omegas (PG Sweep) take the correction: a layer runs its weak rows with one set of weak weights.
+    weak_weights = config.rows is None and _prefers_weak_weights(patched, pair)
     # What the run needs loads with the model, in the same load_models_gpu call, within ComfyUI's memory budget:
-    # the delta (correction, or a scheduled omega), the room for weak parameters (weak weights).
-    extra = []
-    if workspace is None or not config.weak.schedule.is_constant:
-        extra.append(pair.delta_patcher)
-    if workspace is not None:
-        extra.append(workspace)
-    patched.set_additional_models(WRAPPER_KEY, extra)
-    runtime = _Runtime(config, None if workspace is None else workspace.model)
+    # the weak weights formed once where omega takes one value, else the delta.
+    workspace = _workspace(patched, pair) if weak_weights and config.weak.schedule.is_flat else None
+    patched.set_additional_models(WRAPPER_KEY, [pair.delta_patcher if workspace is None else workspace])
+    runtime = _Runtime(config, weak_weights, None if workspace is None else workspace.model)
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, runtime.outer_sample)
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, WRAPPER_KEY, runtime.predict_noise)
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, runtime.apply_model)
