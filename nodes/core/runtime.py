@@ -297,14 +297,15 @@ class _Run:
     @torch.no_grad()
     def _formed(self, layer: torch.nn.Module, delta: DenseDelta, names: list[str]) -> dict[str, torch.Tensor]:
         """Just in time: the layer's weak parameters for the current omega, in the run's scratch buffer."""
+        def size(module, changed):  # elements of the parameters the delta changes
+            return sum(module._parameters[name].numel() for name in ("weight", "bias") if getattr(changed, name) is not None)
+
         like = layer._parameters[names[0]]
-        need = sum(layer._parameters[name].numel() for name in names)
         key = (like.device, like.dtype)
         buffer = self.scratch.get(key)
-        if buffer is None or buffer.numel() < need:
-            largest = max(sum(getattr(l, n).numel() for n in ("weight", "bias") if getattr(d, n) is not None)
-                          for _, l, d in self.split)
-            buffer = self.scratch[key] = torch.empty(max(need, largest), device=like.device, dtype=like.dtype)
+        if buffer is None or buffer.numel() < size(layer, delta):
+            largest = max(size(module, changed) for _, module, changed in self.split)
+            buffer = self.scratch[key] = torch.empty(max(largest, size(layer, delta)), device=like.device, dtype=like.dtype)
         out, at = {}, 0
         for name in names:
             param = layer._parameters[name]
