@@ -122,7 +122,8 @@ def main(argv=None):
     parser.add_argument("--omega", type=float, default=0.5)
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--only", default=None, help="time only the routes whose name contains this text (and their baseline)")
+    parser.add_argument("--only", default=None,
+                        help="time only the routes whose name contains one of these comma-separated texts (and their baselines)")
     opts = parser.parse_args(argv)
 
     import torch
@@ -224,7 +225,7 @@ def main(argv=None):
     }
     baseline = {name: ("CFG, LoRA model (baseline A)" if i < 5 else "CFG, full fine-tune (baseline B)") for i, name in enumerate(routes)}
     if opts.only:
-        keep = {name for name in routes if opts.only in name}
+        keep = {name for name in routes if any(text.strip() in name for text in opts.only.split(","))}
         keep |= {baseline[name] for name in keep}
         routes = {name: make for name, make in routes.items() if name in keep}
     latent = torch.zeros(1, 4, size // 8, size // 8)
