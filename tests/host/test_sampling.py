@@ -302,3 +302,37 @@ def test_weak_weights_are_formed_once_per_value_of_omega(setup, monkeypatch):
     expected = [o - 1.0 for o in omegas if o != 1.0]
     # (the reference computes progress exactly, the pack inverts sigma by bisection: equal to 1e-3)
     assert formed[::slots] == pytest.approx(expected, abs=1e-3) and len(formed) == slots * len(expected)
+
+
+def test_weak_weights_follow_the_loaded_weights(setup, tiny_files, monkeypatch):
+    """The workspace is reused only while the same weights are loaded: a MODEL with one more LoRA on the fine-tuned
+    model (allowed: its weak model is that model plus (omega - 1) delta) forms its own, and going back forms again."""
+    import nodes as comfy_nodes
+
+    nodes = setup["nodes"]
+    pair = setup["pairs"]["full"][0]
+    runtime = nodes.core.runtime
+    formed = []
+    weak_parameter = runtime.weak_parameter
+    monkeypatch.setattr(runtime, "weak_parameter",
+                        lambda finetuned, delta, c, out=None: formed.append(c) or weak_parameter(finetuned, delta, c, out=out))
+    styled = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(pair.finetuned, tiny_files["lora"], 0.5)[0]
+    weak = nodes.weak_model.WeakModelInterpolator.execute(pair, **SCHEDULES["constant"][0]).args[0]
+    conds = setup["conds"]
+
+    def sample(model):
+        guider = nodes.guider.PersonalizationGuider.execute(
+            model, weak, comfy_cond(conds["c"]), comfy_cond(conds["null"]), "two-way (paper)", LAMBDA, 1.0).args[0]
+        noise, latent, sigmas = sample_inputs(model)
+        with torch.inference_mode():
+            return guider.sample(noise, latent, comfy.samplers.sampler_object("euler"), sigmas, seed=0)
+
+    first = sample(pair.finetuned)
+    formed.clear()
+    with_style = sample(styled)
+    assert formed, "the styled model's weights were not formed"
+    assert reference.relative_error(with_style, first) > 100 * reference.REL_TOL
+    formed.clear()
+    again = sample(pair.finetuned)
+    assert formed, "the workspace still held the styled model's weak weights"
+    assert torch.equal(again, first)
