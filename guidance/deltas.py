@@ -1,7 +1,7 @@
 """Weight deltas: delta = theta_ft - theta_pre, and the weak model theta_pre + omega * delta.
 
-The weak model is never materialized. Every layer with parameters in the UNets we
-support (Linear, ConvNd, GroupNorm, LayerNorm) is affine in its own parameters, so
+The weak model is never a separate model. Every layer with parameters in the UNets
+we support (Linear, ConvNd, GroupNorm, LayerNorm) is affine in its own parameters, so
 given the layer's input x,
 
     F(x; theta_ft + (omega - 1) * delta) = F(x; theta_ft) + (omega - 1) * F_delta(x)
@@ -14,9 +14,8 @@ fewer operations, for use inside a sampling loop). Exact, and ``omega`` may chan
 every step.
 
 Where a pair changes every layer (a full fine-tune), the weak rows would pass every
-layer twice. There the weak parameters are formed instead (``weak_parameter``), at
-most once per value of omega, and the weak evaluation runs with them in place of
-the fine-tuned ones.
+layer twice. There each layer's weak parameters theta_ft + (omega - 1) * delta are
+formed instead (``weak_parameter``), and the layer runs its weak rows with them.
 """
 
 from __future__ import annotations
