@@ -222,6 +222,7 @@ class _Run:
         self.deltas = pair.deltas
         self.workspace = workspace  # weak weights formed once (flat schedules); None: formed just in time
         self.scratch: dict[tuple, torch.Tensor] = {}  # just in time: one buffer per device and dtype
+        self.scratch_size = 0
         # Weak weights: the layers that run their weak rows with them, decided on the first weak forward.
         self.weak_weights = weak_weights
         self.split: list[tuple[str, torch.nn.Module, DenseDelta]] | None = None
@@ -297,15 +298,11 @@ class _Run:
     @torch.no_grad()
     def _formed(self, layer: torch.nn.Module, delta: DenseDelta, names: list[str]) -> dict[str, torch.Tensor]:
         """Just in time: the layer's weak parameters for the current omega, in the run's scratch buffer."""
-        def size(module, changed):  # elements of the parameters the delta changes
-            return sum(module._parameters[name].numel() for name in ("weight", "bias") if getattr(changed, name) is not None)
-
         like = layer._parameters[names[0]]
         key = (like.device, like.dtype)
         buffer = self.scratch.get(key)
-        if buffer is None or buffer.numel() < size(layer, delta):
-            largest = max(size(module, changed) for _, module, changed in self.split)
-            buffer = self.scratch[key] = torch.empty(max(largest, size(layer, delta)), device=like.device, dtype=like.dtype)
+        if buffer is None:
+            buffer = self.scratch[key] = torch.empty(self.scratch_size, device=like.device, dtype=like.dtype)
         out, at = {}, 0
         for name in names:
             param = layer._parameters[name]
@@ -323,6 +320,8 @@ class _Run:
             if _can_split(layer, delta, None if self.workspace is None else self.workspace.layers[path]):
                 self.split.append((path, layer, delta))
                 layer.forward = self._split_forward(path, layer, delta)
+                # Just in time, the weak parameters of one layer at a time: room for the largest.
+                self.scratch_size = max(self.scratch_size, sum(t.numel() for t in delta.tensors()))
             else:
                 self._add_hook(path, [delta])
         if len(self.split) < len(candidates):
