@@ -1,9 +1,9 @@
 """Personalization guidance math: pure torch, no ComfyUI.
 
-The estimates (``estimates``), omega over the run (``schedule``) and weight deltas
-(``deltas``) of SPEC.md. The ComfyUI nodes in ``nodes/`` only wire these. For the
-tuning nodes: the run step by step (``steps``), sweep value lists (``sweep``) and
-preset files (``presets``).
+The estimates (``estimates``), omega over the run (``schedule``), weight deltas
+(``deltas``) and the table of layer kinds (``layers``) of SPEC.md. The ComfyUI nodes
+in ``nodes/`` only wire these. For the tuning nodes: the run step by step (``steps``),
+sweep value lists (``sweep``) and preset files (``presets``).
 """
 
 from .deltas import (
@@ -15,13 +15,23 @@ from .deltas import (
     check_layer,
     check_same_architecture,
     layer_response,
+    low_rank_factors,
     prepare_correction,
-    rows_for_layer,
+    tensor_delta,
     unet_state_dict,
     weak_parameter,
     weight_delta,
 )
 from .errors import GuidanceInputError
+from .layers import (
+    LAYER_KINDS,
+    ROW_MIXING,
+    ChangedParameter,
+    LayerKind,
+    Placement,
+    layer_kind,
+    place_parameter,
+)
 from .estimates import (
     EstimateWeights,
     Evaluations,
@@ -35,19 +45,24 @@ from .estimates import (
     two_way,
 )
 from .presets import Preset, PresetEstimate, check_preset_name, parse_preset, preset_from_dict
-from .schedule import OmegaSchedule, OmegaShape, check_unit_interval, omega_at
+from .schedule import OmegaSchedule, OmegaShape, check_unit_interval, omega_at, omega_at_sigma, progress_of_sigma
 from .steps import StepGuidance, guidance_per_step
 from .sweep import parse_values, sweep_combinations
 
 __all__ = [
+    "LAYER_KINDS",
+    "ROW_MIXING",
+    "ChangedParameter",
     "DenseDelta",
     "EstimateWeights",
     "Evaluations",
     "GuidanceInputError",
     "LayerDelta",
+    "LayerKind",
     "LowRankDelta",
     "OmegaSchedule",
     "OmegaShape",
+    "Placement",
     "Preset",
     "PresetEstimate",
     "StepGuidance",
@@ -62,16 +77,21 @@ __all__ = [
     "combine",
     "estimate_weights",
     "guidance_per_step",
+    "layer_kind",
     "layer_response",
+    "low_rank_factors",
     "omega_at",
+    "omega_at_sigma",
     "parse_preset",
     "parse_values",
+    "place_parameter",
     "plan_evaluations",
     "plan_for_rows",
     "prepare_correction",
     "preset_from_dict",
-    "rows_for_layer",
+    "progress_of_sigma",
     "sweep_combinations",
+    "tensor_delta",
     "three_way",
     "two_way",
     "unet_state_dict",

@@ -1,34 +1,39 @@
 """Weight deltas: delta = theta_ft - theta_pre, and the weak model theta_pre + omega * delta.
 
-The weak model is never a separate model. Every layer with parameters in the UNets
-we support (Linear, ConvNd, GroupNorm, LayerNorm) is affine in its own parameters, so
-given the layer's input x,
+The weak model is never a separate model. Every layer kind of ``guidance.layers`` is
+linear in its own parameters, so given the layer's input x,
 
-    F(x; theta_ft + (omega - 1) * delta) = F(x; theta_ft) + (omega - 1) * F_delta(x)
+    F(x; theta_ft + (omega - 1) * delta) = F(x; theta_ft) + (omega - 1) * F(x; delta)
 
-where F_delta(x) is the layer applied with the delta as its parameters
-(``layer_response``). The fine-tuned weights stay as they are; the rows of a batch
-that belong to the weak model get ``(omega - 1) * F_delta(x)`` added to the layer's
-output (``add_weak_correction``; ``prepare_correction`` makes the same addition with
-fewer operations, for use inside a sampling loop). Exact, and ``omega`` may change
-every step.
+where F(x; delta) is the layer's response to the delta (``LayerKind.respond``). The
+fine-tuned weights stay as they are; the rows of a batch that belong to the weak model
+get ``(omega - 1) * F(x; delta)`` added to the layer's output (``add_weak_correction``;
+``prepare_correction`` makes the same addition with fewer operations, for use inside a
+sampling loop). Exact, and ``omega`` may change every step.
 
 Where a pair changes every layer (a full fine-tune), the weak rows would pass every
 layer twice. There each layer's weak parameters theta_ft + (omega - 1) * delta are
 formed instead (``weak_parameter``), and the layer runs its weak rows with them.
+
+Deltas are formed one tensor at a time (``tensor_delta``): in fp32, checked, and
+stored in their final dtype at once, so that forming a pair never holds more than the
+two models, the stored delta and one tensor in fp32. A delta too large for memory may
+be kept as low-rank factors instead (``low_rank_factors``): an approximation, whose
+error is reported.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import GuidanceInputError
+from .layers import LayerKind, layer_kind
 
 # Prefixes under which checkpoints store the denoiser, longest first.
 UNET_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
@@ -81,8 +86,32 @@ def check_same_architecture(base: Mapping[str, tuple], finetuned: Mapping[str, t
         )
 
 
+_PROMOTES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def tensor_delta(name: str, base: Tensor, finetuned: Tensor, dtype: torch.dtype = torch.float32) -> Tensor | None:
+    """finetuned - base for one tensor: formed in fp32, stored as ``dtype``; None where it is exactly zero.
+
+    One pass: a single fp32 tensor is allocated (plus the stored copy when ``dtype`` is
+    narrower), and one reduction finds NaN or Inf (in either input, or from an overflow)
+    and an all-zero delta at once. The error names the tensor and which side is not finite.
+    """
+    delta = finetuned.to(device=base.device, dtype=torch.float32, copy=True)
+    delta.sub_(base if base.dtype in _PROMOTES else base.to(torch.float32))  # fp8 takes no part in type promotion
+    peak = float(torch.linalg.vector_norm(delta, float("inf")))  # NaN if any NaN, inf if any inf
+    if not math.isfinite(peak):
+        if not bool(torch.isfinite(base).all()):
+            raise GuidanceInputError(f"The base model holds NaN or Inf in {name}.")
+        if not bool(torch.isfinite(finetuned).all()):
+            raise GuidanceInputError(f"The fine-tuned model holds NaN or Inf in {name}.")
+        raise GuidanceInputError(f"The weight delta (fine-tuned minus base) of {name} overflows to Inf.")
+    if peak == 0.0:
+        return None
+    return delta if dtype == torch.float32 else delta.to(dtype)
+
+
 def weight_delta(base: Mapping[str, Tensor], finetuned: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """delta = theta_ft - theta_pre, tensor by tensor, formed in fp32.
+    """delta = theta_ft - theta_pre for two state dicts, tensor by tensor (``tensor_delta``), in fp32.
 
     Both state dicts are aligned first (``unet_state_dict``), so the result is keyed
     without checkpoint prefix. Names or shapes that differ mean two different
@@ -91,28 +120,37 @@ def weight_delta(base: Mapping[str, Tensor], finetuned: Mapping[str, Tensor]) ->
     """
     base, finetuned = unet_state_dict(base), unet_state_dict(finetuned)
     check_same_architecture({k: v.shape for k, v in base.items()}, {k: v.shape for k, v in finetuned.items()})
-    check_finite(base, "The base model")
-    check_finite(finetuned, "The fine-tuned model")
     delta = {}
     for k in sorted(base):
         if not base[k].is_floating_point():
             continue
-        d = finetuned[k].to(torch.float32) - base[k].to(torch.float32)
-        if torch.count_nonzero(d):
+        d = tensor_delta(k, base[k], finetuned[k])
+        if d is not None:
             delta[k] = d
-    check_finite(delta, "The weight delta (fine-tuned minus base)")
     return delta
 
 
-@dataclass
 class DenseDelta:
-    """A layer's delta as full tensors; either may be None (no change)."""
+    """A module's delta as full tensors, by parameter name (``weight``, ``bias``, ``scale``, ``modulation``, ...)."""
 
-    weight: Tensor | None = None
-    bias: Tensor | None = None
+    def __init__(self, weight: Tensor | None = None, bias: Tensor | None = None, **others: Tensor | None):
+        self.params: dict[str, Tensor] = {
+            k: v for k, v in (("weight", weight), ("bias", bias), *others.items()) if v is not None
+        }
+
+    @property
+    def weight(self) -> Tensor | None:
+        return self.params.get("weight")
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.params.get("bias")
 
     def tensors(self) -> list[Tensor]:
-        return [t for t in (self.weight, self.bias) if t is not None]
+        return list(self.params.values())
+
+    def __repr__(self) -> str:
+        return f"DenseDelta({', '.join(f'{k}={tuple(v.shape)}' for k, v in self.params.items())})"
 
 
 @dataclass
@@ -122,6 +160,8 @@ class LowRankDelta:
     up: Tensor
     down: Tensor
     scale: float
+    # For a low-rank approximation of a dense delta: the fraction of its squared norm that the factors keep.
+    kept: float | None = field(default=None, compare=False)
 
     def tensors(self) -> list[Tensor]:
         return [self.up, self.down]
@@ -129,18 +169,14 @@ class LowRankDelta:
 
 LayerDelta = DenseDelta | LowRankDelta
 
-SUPPORTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.GroupNorm, nn.LayerNorm)
 
-
-def check_layer(name: str, layer: nn.Module, delta: LayerDelta) -> None:
-    """Raise unless ``layer_response`` can apply ``delta`` to ``layer`` exactly."""
-    if not isinstance(layer, SUPPORTED_LAYERS):
-        raise GuidanceInputError(
-            f"Layer {name} ({type(layer).__name__}) has a weight delta, but only "
-            f"{', '.join(t.__name__ for t in SUPPORTED_LAYERS)} layers can be interpolated."
-        )
+def check_layer(name: str, layer: nn.Module, delta: LayerDelta) -> LayerKind:
+    """The layer's kind, after checking that ``delta`` fits it; raise naming the layer otherwise."""
+    kind = layer_kind(layer)
+    if kind is None:
+        raise GuidanceInputError(f"Layer {name} ({type(layer).__name__}) is not a layer kind of guidance.layers.")
     if isinstance(delta, LowRankDelta):
-        if not isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) or getattr(layer, "groups", 1) != 1:
+        if not kind.low_rank or getattr(layer, "groups", 1) != 1:
             raise GuidanceInputError(f"Layer {name} ({type(layer).__name__}) cannot take a low-rank delta.")
         out_features, rank = layer.weight.shape[0], delta.down.shape[0]
         fits = (
@@ -153,15 +189,19 @@ def check_layer(name: str, layer: nn.Module, delta: LayerDelta) -> None:
                 f"The low-rank delta for {name} (up {tuple(delta.up.shape)}, down {tuple(delta.down.shape)}) "
                 f"does not fit its weight {tuple(layer.weight.shape)}."
             )
-        return
-    for what, ref, d in (("weight", layer.weight, delta.weight), ("bias", layer.bias, delta.bias)):
-        if d is not None and (ref is None or ref.shape != d.shape):
+        return kind
+    for what, d in delta.params.items():
+        if what not in kind.parameters:
+            raise GuidanceInputError(f"Layer {name} ({type(layer).__name__}) has no parameter {what} of its kind.")
+        ref = getattr(layer, what, None)
+        if ref is None or ref.shape != d.shape:
             shape = None if ref is None else tuple(ref.shape)
             raise GuidanceInputError(f"The {what} delta for {name} has shape {tuple(d.shape)}, the layer has {shape}.")
+    return kind
 
 
 def layer_response(layer: nn.Module, x: Tensor, delta: LayerDelta, out_shape: torch.Size) -> Tensor:
-    """F_delta(x): ``layer`` applied to ``x`` with ``delta`` as its parameters (no fine-tuned weights).
+    """F(x; delta): ``layer`` applied to ``x`` with ``delta`` as its parameters (no fine-tuned weights).
 
     ``out_shape`` is the shape of the layer's output for ``x``. An empty DenseDelta
     has no response: callers skip it (``add_weak_correction``).
@@ -175,46 +215,10 @@ def layer_response(layer: nn.Module, x: Tensor, delta: LayerDelta, out_shape: to
         up = delta.up.reshape(delta.up.shape[0], delta.down.shape[0], *[1] * (h.dim() - 2))
         conv = (F.conv1d, F.conv2d, F.conv3d)[h.dim() - 3]
         return conv(h, up)
-    weight, bias = delta.weight, delta.bias
-    if weight is None:
-        # Bias only: the response is the bias, broadcast over the output.
-        if isinstance(layer, (nn.Linear, nn.LayerNorm)):  # channels last (LayerNorm: all normalized dims)
-            view = [1] * (len(out_shape) - bias.dim()) + list(bias.shape)
-        else:  # channels first
-            view = [1, -1] + [1] * (len(out_shape) - 2)
-        return bias.view(view).expand(out_shape)
-    if isinstance(layer, nn.Linear):
-        return F.linear(x, weight, bias)
-    if isinstance(layer, nn.GroupNorm):
-        return F.group_norm(x, layer.num_groups, weight, bias, layer.eps)
-    if isinstance(layer, nn.LayerNorm):
-        return F.layer_norm(x, layer.normalized_shape, weight, bias, layer.eps)
-    return layer._conv_forward(x, weight, bias)
+    return layer_kind(layer).respond(layer, x, delta.params, out_shape)
 
 
 Rows = slice | Tensor
-
-
-def rows_for_layer(batch_rows: Rows, batch_size: int, layer_batch: int) -> Rows:
-    """The rows of a layer's input that belong to the batch rows ``batch_rows``.
-
-    Rows are a slice (a contiguous chunk, as ComfyUI batches each cond) or an index
-    tensor. Layers see the model's batch either as is or with each batch row expanded
-    into consecutive rows (``(b t) ...`` layouts); anything else is an error.
-    """
-    if layer_batch == batch_size:
-        return batch_rows
-    if layer_batch % batch_size:
-        raise GuidanceInputError(
-            f"A layer saw a batch of {layer_batch} rows for a model batch of {batch_size}: "
-            "this architecture cannot be guided row by row."
-        )
-    per_row = layer_batch // batch_size
-    if isinstance(batch_rows, slice):
-        return slice(batch_rows.start * per_row, batch_rows.stop * per_row)
-    offsets = torch.arange(per_row, device=batch_rows.device)
-    return (batch_rows[:, None] * per_row + offsets).flatten()
-
 
 Coefficient = float | Tensor  # one value for all rows, or one per row (a 1-D tensor as long as the rows)
 
@@ -225,7 +229,7 @@ def per_row(coefficient: Tensor, like: Tensor) -> Tensor:
 
 
 def add_weak_correction(layer: nn.Module, x: Tensor, out: Tensor, delta: LayerDelta, rows: Rows, coefficient: Coefficient) -> Tensor:
-    """``out`` with ``coefficient * F_delta(x)`` added on ``rows``: turns fine-tuned rows into weak rows.
+    """``out`` with ``coefficient * F(x; delta)`` added on ``rows``: turns fine-tuned rows into weak rows.
 
     With ``coefficient = omega - 1`` those rows become the output of theta_pre + omega * delta;
     a 1-D tensor gives each of the rows its own omega (in the order of ``rows``).
@@ -250,10 +254,38 @@ def weak_parameter(finetuned: Tensor, delta: Tensor, coefficient: float, out: Te
     """theta_ft + coefficient * delta: with ``coefficient = omega - 1``, the weak model's parameter.
 
     theta_ft + (omega - 1) * delta = theta_pre + omega * delta. Computed in the dtype of
-    ``finetuned`` (written into ``out`` when given), with the delta brought to its device.
+    ``out`` when given (a buffer in the layer's compute dtype, which may be wider than
+    ``finetuned``'s), else of ``finetuned``; nothing but ``out`` is allocated then.
     """
-    delta = delta.to(device=finetuned.device, dtype=finetuned.dtype)
-    return torch.add(finetuned, delta, alpha=coefficient, out=out)
+    if out is None:
+        delta = delta.to(device=finetuned.device, dtype=finetuned.dtype)
+        return torch.add(finetuned, delta, alpha=coefficient)
+    out.copy_(finetuned)
+    return out.add_(delta.to(device=out.device), alpha=coefficient)
+
+
+def low_rank_factors(delta: Tensor, rank: int, energy: float) -> LowRankDelta | None:
+    """The truncated SVD of a weight delta (Linear or ConvNd): the best approximation of its rank.
+
+    Keeps the fewest singular values whose squares hold at least ``energy`` of the
+    delta's squared norm, and at most ``rank`` of them (``rank`` 0: no cap). Returns
+    factors with ``scale`` 1 and the kept fraction, or None when the factors would not
+    be smaller than the delta itself (then keep it dense).
+    """
+    out_features = delta.shape[0]
+    matrix = delta.reshape(out_features, -1).to(torch.float32)
+    cap = min(matrix.shape) if rank <= 0 else min(rank, *matrix.shape)
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    squares = s.double().square()
+    total = float(squares.sum())
+    cumulative = squares.cumsum(0) / total
+    needed = int(torch.searchsorted(cumulative, torch.tensor(min(energy, 1.0), dtype=torch.float64))) + 1
+    r = max(1, min(cap, needed, s.shape[0]))
+    if r * (matrix.shape[0] + matrix.shape[1]) >= matrix.numel():
+        return None
+    up = (u[:, :r] * s[:r]).reshape(out_features, r, *[1] * (delta.dim() - 2))
+    down = vh[:r].reshape(r, *delta.shape[1:])
+    return LowRankDelta(up=up.contiguous(), down=down.contiguous(), scale=1.0, kept=float(cumulative[r - 1]))
 
 
 class LowRankCorrection:
@@ -279,7 +311,7 @@ class LowRankCorrection:
             self.conv_up = (F.conv1d, F.conv2d, F.conv3d)[self.down.dim() - 3]
 
     def add(self, x: Tensor, out: Tensor, rows: slice, coefficient: Coefficient) -> None:
-        """Add ``coefficient * F_delta(x)`` to ``out`` on ``rows``, in place (per-row coefficients: see
+        """Add ``coefficient * F(x; delta)`` to ``out`` on ``rows``, in place (per-row coefficients: see
         ``add_weak_correction``; they scale the rank-r intermediate)."""
         target = out[rows]
         h = F.linear(x[rows], self.down) if self.linear else self.conv(x[rows], self.down, None)
@@ -297,18 +329,23 @@ class LowRankCorrection:
 
 
 class DenseCorrection:
-    """``add_weak_correction`` for one layer's DenseDelta, with the delta moved to a device and dtype once."""
+    """``add_weak_correction`` for one layer's DenseDelta on a device and in a dtype.
+
+    Tensors that already have the device and dtype are used as they are; others are
+    converted at each call, one layer at a time, so that a run never holds a second
+    copy of the whole delta (a model stored in fp16 and computed in fp32, say).
+    """
 
     def __init__(self, layer: nn.Module, delta: DenseDelta, device: torch.device, dtype: torch.dtype):
-        def move(t):
-            return None if t is None else t.to(device=device, dtype=dtype)
-
-        self.layer = layer
-        self.delta = DenseDelta(weight=move(delta.weight), bias=move(delta.bias))
+        self.layer, self.delta, self.device, self.dtype = layer, delta, device, dtype
+        self.ready = all(t.device == device and t.dtype == dtype for t in delta.tensors())
 
     def add(self, x: Tensor, out: Tensor, rows: slice, coefficient: Coefficient) -> None:
-        """Add ``coefficient * F_delta(x)`` to ``out`` on ``rows``, in place."""
-        add_weak_correction(self.layer, x, out, self.delta, rows, coefficient)
+        """Add ``coefficient * F(x; delta)`` to ``out`` on ``rows``, in place."""
+        delta = self.delta
+        if not self.ready:
+            delta = DenseDelta(**{k: v.to(device=self.device, dtype=self.dtype) for k, v in delta.params.items()})
+        add_weak_correction(self.layer, x, out, delta, rows, coefficient)
 
 
 def prepare_correction(layer: nn.Module, delta: LayerDelta, device: torch.device, dtype: torch.dtype):

@@ -8,6 +8,7 @@ same for every sampler and step count.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -72,16 +73,67 @@ class OmegaSchedule:
 
 
 def omega_at(schedule: OmegaSchedule, p: float) -> float:
-    """omega(p) for progress p in [0, 1]; 1.0 (no unlearning) outside [p_start, p_end]."""
+    """omega(p) for progress p in [0, 1]; 1.0 (no unlearning) outside [p_start, p_end].
+
+    Decides the interval on progress. Sampling decides it on sigma (``omega_at_sigma``),
+    where a step exactly on an end of the interval is inside as ComfyUI counts it.
+    """
     if not math.isfinite(p):
         raise GuidanceInputError(f"Sampling progress must be a finite number, got {p!r}.")
     if p < schedule.p_start or p > schedule.p_end:
         return 1.0
+    return _inside(schedule, p)
+
+
+def _inside(schedule: OmegaSchedule, p: float) -> float:
+    """omega inside the guidance interval, at progress p (clamped to the interval for the ramp)."""
     if schedule.shape == OmegaShape.CONSTANT:
         return schedule.omega_start
     width = schedule.p_end - schedule.p_start
-    t = (p - schedule.p_start) / width if width > 0 else 0.0
+    t = min(max((p - schedule.p_start) / width, 0.0), 1.0) if width > 0 else 0.0
     if schedule.shape == OmegaShape.LINEAR:
         return schedule.omega_start + (schedule.omega_end - schedule.omega_start) * t
     # Cosine: leaves omega_start and arrives at omega_end with zero slope.
     return schedule.omega_end + (schedule.omega_start - schedule.omega_end) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+PercentToSigma = Callable[[float], float]
+
+
+def progress_of_sigma(percent_to_sigma: PercentToSigma, sigma: float) -> float:
+    """p in [0, 1] with ``percent_to_sigma(p) == sigma``: the inverse, by bisection.
+
+    ``percent_to_sigma`` is the model's (ComfyUI's ``model_sampling.percent_to_sigma``),
+    decreasing in p. Where it is flat in float32 the result is within the plateau, so
+    whether a step is inside the guidance interval is decided on sigma, not on this.
+    """
+    lo, hi = 0.0, 1.0
+    if sigma >= float(percent_to_sigma(1e-9)):
+        return 0.0
+    for _ in range(48):
+        mid = 0.5 * (lo + hi)
+        if float(percent_to_sigma(mid)) > sigma:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+def omega_at_sigma(schedule: OmegaSchedule, sigma: float, percent_to_sigma: PercentToSigma,
+                   progress: Callable[[float], float] | None = None) -> float:
+    """omega at the step with noise level ``sigma``: SPEC.md, "Omega over the run".
+
+    The guidance interval is closed at both ends and decided in sigma space, as
+    ComfyUI's own timestep ranges decide it: the step is inside when
+    ``percent_to_sigma(p_end) <= sigma <= percent_to_sigma(p_start)``. Inside, a ramp
+    moves with the step's progress (``progress(sigma)``, by default ``progress_of_sigma``).
+    """
+    sigma = float(sigma)
+    if not math.isfinite(sigma):
+        raise GuidanceInputError(f"A sampling step's sigma must be a finite number, got {sigma!r}.")
+    if not float(percent_to_sigma(schedule.p_end)) <= sigma <= float(percent_to_sigma(schedule.p_start)):
+        return 1.0
+    if schedule.shape == OmegaShape.CONSTANT:
+        return schedule.omega_start
+    p = progress(sigma) if progress is not None else progress_of_sigma(percent_to_sigma, sigma)
+    return _inside(schedule, p)

@@ -30,15 +30,18 @@ def guidance_per_step(
     lambda_p: float,
     lambda_t: float,
     negative_is_null: bool,
+    omegas: Sequence[float] | None = None,
 ) -> list[StepGuidance]:
     """Each step's omega, evaluations and weights, for the steps at sampling progress ``progress``.
 
     Two-way is the three-way estimate with ``lambda_p == lambda_t`` (SPEC.md), as in the runtime.
-    ``negative_is_null``: no negative prompt, so n is the null prompt.
+    ``negative_is_null``: no negative prompt, so n is the null prompt. ``omegas``: each step's
+    omega as sampling decides it (``omega_at_sigma``); by default ``omega_at`` of its progress.
     """
+    if omegas is None:
+        omegas = [omega_at(schedule, p) for p in progress]
     steps = []
-    for p in progress:
-        omega = omega_at(schedule, p)
+    for p, omega in zip(progress, omegas, strict=True):
         evaluations = plan_evaluations(lambda_p, lambda_t, omega, negative_is_null)
         steps.append(StepGuidance(float(p), omega, evaluations, estimate_weights(evaluations, lambda_p, lambda_t)))
     return steps

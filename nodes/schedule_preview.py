@@ -5,9 +5,17 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
-from ..guidance import GuidanceInputError, OmegaShape, StepGuidance, check_scale, guidance_per_step
+from ..guidance import (
+    GuidanceInputError,
+    OmegaShape,
+    StepGuidance,
+    check_scale,
+    guidance_per_step,
+    omega_at_sigma,
+    progress_of_sigma,
+)
 from .core.plot import Panel, Series, line_plot
-from .core.runtime import Estimate, progress_of_sigma
+from .core.runtime import Estimate
 from .inputs import estimate_input, personalization_scale_input, weak_model_input
 from .tuning_inputs import TUNING_CATEGORY, guidance_scale_input
 
@@ -104,8 +112,12 @@ class SchedulePreview(io.ComfyNode):
             raise GuidanceInputError("The sigmas hold no sampling step: connect at least two sigmas (steps >= 1).")
         model_sampling = model.get_model_object("model_sampling")
         evaluated = values[:-1]  # the last sigma is where sampling ends, not a step
-        progress = [progress_of_sigma(model_sampling, s) for s in evaluated]
-        steps = guidance_per_step(weak_model.schedule, progress, lambda_p, guidance_scale, negative_is_null=negative is None)
+        progress = [progress_of_sigma(model_sampling.percent_to_sigma, s) for s in evaluated]
+        # Whether a step is inside the guidance interval is decided on its sigma, as sampling decides it.
+        omegas = [omega_at_sigma(weak_model.schedule, s, model_sampling.percent_to_sigma, lambda _, p=p: p)
+                  for s, p in zip(evaluated, progress, strict=True)]
+        steps = guidance_per_step(weak_model.schedule, progress, lambda_p, guidance_scale,
+                                  negative_is_null=negative is None, omegas=omegas)
 
         schedule = weak_model.schedule
         shape = f"{schedule.shape.value} omega {schedule.omega_start:g}"

@@ -39,7 +39,7 @@ from ..guidance import (
     sweep_combinations,
 )
 from .core.image_grid import labelled_grid
-from .core.runtime import Estimate, RowScales, WeakModel
+from .core.runtime import Estimate, RowOmegasUnavailable, RowScales, WeakModel
 from .guider import make_guider
 from .inputs import estimate_input, model_input, personalization_scale_input
 from .sockets import WeakModelSocket
@@ -84,9 +84,10 @@ def sampler_keeps_rows_apart(sampler, denoise_mask) -> bool:
     return not (denoise_mask is not None and sampler.inpaint_options.get("random", False))
 
 
-def combinations_per_batch(model, sampler, latent: torch.Tensor, denoise_mask, count: int) -> int:
-    """How many combinations to sample together: 1 unless batching keeps every image as it is and fits in memory."""
-    if count < 2 or not sampler_keeps_rows_apart(sampler, denoise_mask):
+def combinations_per_batch(model, sampler, latent: torch.Tensor, denoise_mask, count: int, pair=None) -> int:
+    """How many combinations to sample together: 1 unless batching keeps every image as it is and fits in memory
+    (and the ``pair`` lets each row have its own omega)."""
+    if count < 2 or (pair is not None and not pair.takes_row_omegas) or not sampler_keeps_rows_apart(sampler, denoise_mask):
         return 1
     if any(model.model_options.get(key) for key in _CFG_FUNCTIONS):
         return 1
@@ -225,13 +226,12 @@ class Sweep(io.ComfyNode):
         latent = latent_image.copy()
         latent["samples"] = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
         noise_mask = latent.get("noise_mask")
-        per_batch = combinations_per_batch(model, sampler, latent["samples"], noise_mask, len(combinations))
+        per_batch = combinations_per_batch(model, sampler, latent["samples"], noise_mask, len(combinations),
+                                           pair=weak_model.pair)
         groups = [combinations[i:i + per_batch] for i in range(0, len(combinations), per_batch)]
         log.info("PG Sweep: %d combinations in %d sampling run(s).", len(combinations), len(groups))
 
-        # Every guider first, so that any bad input stops the sweep before the first step.
-        guiders = []
-        for group in groups:
+        def guider_for(group):
             omega, lam = group[0]
             weak = WeakModel(weak_model.pair, OmegaSchedule.constant(omega))
             rows = None
@@ -241,29 +241,42 @@ class Sweep(io.ComfyNode):
                           "lambda_p" if swept == SweptScale.PERSONALIZATION else "lambda_t":
                           tuple(la for _, la in group for _ in range(each))}
                 rows = RowScales(**values)
-            guiders.append(make_guider(model, weak, positive, null_conditioning, estimate.value, *scales(lam),
-                                       negative=negative, rows=rows))
+            return make_guider(model, weak, positive, null_conditioning, estimate.value, *scales(lam),
+                               negative=negative, rows=rows)
+
+        # Every guider first, so that any bad input stops the sweep before the first step.
+        guiders = [guider_for(group) for group in groups]
 
         start = noise.generate_noise(latent)
         steps = sigmas.shape[-1] - 1
-        progress = comfy.utils.ProgressBar(len(guiders) * max(steps, 1))
+        progress = comfy.utils.ProgressBar(len(combinations) * max(steps, 1))
         previewer = latent_preview.get_previewer(model.load_device, model.model.latent_format)
 
-        images = []
-        for index, (group, guider) in enumerate(zip(groups, guiders, strict=True)):
-            def callback(step, x0, x, total_steps, done=index * steps):
+        def sample(group, guider, done):
+            def callback(step, x0, x, total_steps):
                 preview = previewer.decode_latent_to_preview_image("JPEG", x0) if previewer else None
-                progress.update_absolute(done + step + 1, preview=preview)
+                progress.update_absolute(done + (step + 1) * len(group), preview=preview)
 
             k = len(group)  # the same latent, noise and mask for every combination of the group
             mask = noise_mask if noise_mask is None else torch.cat([noise_mask] * k)
             samples = guider.sample(torch.cat([start] * k), torch.cat([latent["samples"]] * k), sampler, sigmas,
                                     denoise_mask=mask, callback=callback,
                                     disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=noise.seed)
-            samples = samples.to(comfy.model_management.intermediate_device())
-            for chunk in samples.chunk(k):
+            return samples.to(comfy.model_management.intermediate_device()).chunk(k)
+
+        images, done = [], 0
+        for group, guider in zip(groups, guiders, strict=True):
+            try:
+                latents = sample(group, guider, done)
+            except RowOmegasUnavailable as unavailable:
+                # Found only once the model is loaded (the route changed): the combinations one after another.
+                log.info("PG Sweep: %s; %d combinations sampled one after another.", unavailable, len(group))
+                latents = [chunk for j, single in enumerate(group)
+                           for chunk in sample([single], guider_for([single]), done + j * max(steps, 1))]
+            for chunk in latents:
                 images.append(comfy_nodes.VAEDecode().decode(vae, {**latent, "samples": chunk})[0])
-            progress.update_absolute((index + 1) * max(steps, 1))
+            done += len(group) * max(steps, 1)
+            progress.update_absolute(done)
 
         symbol = lambda_name(estimate, swept)
         omegas = list(dict.fromkeys(omega for omega, _ in combinations))

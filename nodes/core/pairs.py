@@ -1,31 +1,46 @@
-"""A base model and its personalization, as ComfyUI objects, and the weight delta between them."""
+"""A base model and its personalization, as ComfyUI objects, and the weight delta between them.
+
+Forming a pair streams: the names and shapes of both models are compared, and every
+changed parameter placed by ``guidance.layers``, before any weight is read; the memory
+it will take is estimated and a pair that cannot fit is refused with the figures; then
+each delta is formed tensor by tensor in fp32 and stored in its final dtype at once
+(``guidance.tensor_delta``). Nothing of the base model is kept.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 
 import torch
 
 import comfy.lora
 import comfy.lora_convert
+import comfy.model_management
 import comfy.model_patcher
 import comfy.weight_adapter
 
 from ...guidance import (
+    ChangedParameter,
     DenseDelta,
     GuidanceInputError,
     LayerDelta,
     LowRankDelta,
+    Placement,
     check_finite,
     check_layer,
     check_same_architecture,
-    weight_delta,
+    low_rank_factors,
+    place_parameter,
+    tensor_delta,
 )
+from . import host
 
 log = logging.getLogger(__name__)
 
 DIFFUSION_PREFIX = "diffusion_model."
+GIB = 1024**3
 
 
 class DeltaWeights(torch.nn.Module):
@@ -42,35 +57,74 @@ class DeltaWeights(torch.nn.Module):
         index = 0
         for layer_deltas in deltas.values():
             for delta in layer_deltas:
-                for field_name in ("weight", "bias", "up", "down"):
-                    tensor = getattr(delta, field_name, None)
-                    if tensor is not None:
-                        param = torch.nn.Parameter(tensor, requires_grad=False)
-                        self.register_parameter(f"delta_{index}", param)
-                        setattr(delta, field_name, param)
-                        index += 1
+                tensors = delta.params if isinstance(delta, DenseDelta) else {"up": delta.up, "down": delta.down}
+                for name, tensor in list(tensors.items()):
+                    param = torch.nn.Parameter(tensor, requires_grad=False)
+                    self.register_parameter(f"delta_{index}", param)
+                    if isinstance(delta, DenseDelta):
+                        delta.params[name] = param
+                    else:
+                        setattr(delta, name, param)
+                    index += 1
+
+
+@dataclass(frozen=True)
+class LowRankSpec:
+    """The low-rank option for full pairs: each Linear/Conv weight delta kept as its truncated SVD.
+
+    ``rank``: at most this many singular values per layer (0: no cap). ``energy``: the
+    fewest singular values that hold this fraction of the delta's squared norm.
+    """
+
+    rank: int = 64
+    energy: float = 1.0
+
+    def __post_init__(self):
+        if self.rank < 0:
+            raise GuidanceInputError(f"rank must be 0 (no cap) or more, got {self.rank}.")
+        if not (math.isfinite(self.energy) and 0.0 < self.energy <= 1.0):
+            raise GuidanceInputError(f"energy must be above 0 and at most 1, got {self.energy!r}.")
+
+
+@dataclass(frozen=True)
+class Approximation:
+    """What the low-rank option kept: the squared norm of the approximated weight deltas, against the whole."""
+
+    layers: int
+    kept_energy: float  # fraction of the approximated deltas' squared norm the factors hold
+    relative_error: float  # ||delta - factors|| / ||delta|| over the approximated weights
+    bytes_saved: int
 
 
 @dataclass
 class FinetunedPair:
-    """The fine-tuned MODEL and delta = theta_ft - theta_pre per layer of its diffusion model.
+    """The fine-tuned MODEL and delta = theta_ft - theta_pre per module of its diffusion model.
 
-    ``deltas`` maps a layer's path in the BaseModel (``diffusion_model.…``) to the
+    ``deltas`` maps a module's path in the BaseModel (``diffusion_model.…``) to the
     deltas that act on it: low-rank LoRA factors where they can be applied row by
-    row, dense tensors otherwise.
+    row, dense tensors otherwise. ``placements`` says, per changed parameter key, how
+    ``guidance.layers`` places it (the runtime picks its route from them).
     """
 
     finetuned: comfy.model_patcher.ModelPatcher
     deltas: dict[str, list[LayerDelta]]
+    placements: dict[str, ChangedParameter]
     dense_fallbacks: int = 0
+    approximation: Approximation | None = None
     delta_patcher: comfy.model_patcher.ModelPatcher = field(init=False, repr=False)
-    # Room for weak parameters, made by the runtime on first use where the pair samples on its split route.
+    # Room for weak parameters, made by the runtime on first use where the pair samples with weak weights.
     workspace: comfy.model_patcher.ModelPatcher | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         self.delta_patcher = comfy.model_patcher.ModelPatcher(
             DeltaWeights(self.deltas), load_device=self.finetuned.load_device, offload_device=self.finetuned.offload_device
         )
+
+    @property
+    def takes_row_omegas(self) -> bool:
+        """True when every change sits on a layer kind, so that rows of one batch can each have their own omega
+        (PG Sweep's batched combinations); inline parameters take one omega per forward."""
+        return all(p.kind is not None and not p.reason for p in self.placements.values())
 
     def delta_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for ds in self.deltas.values() for d in ds for t in d.tensors())
@@ -110,68 +164,187 @@ def _low_rank(patch: tuple) -> LowRankDelta | None:
     return LowRankDelta(up=up, down=down, scale=scale)
 
 
-def _effective_weights(model: comfy.model_patcher.ModelPatcher, keys, patches_of) -> dict[str, torch.Tensor]:
-    """fp32 weights of ``keys`` with the given patches applied, read from the unpatched originals."""
-    originals = model.get_key_patches(DIFFUSION_PREFIX)
-    out = {}
+def _effective(weight, convert, patches, key: str) -> torch.Tensor:
+    """One tensor as the model computes with it, in fp32 on the CPU: dequantized, converted, patched."""
+    weight = host.float_tensor(weight.detach()).to("cpu", torch.float32, copy=True)
+    weight = convert(weight, inplace=True)
+    return comfy.lora.calculate_weight(patches, weight, key) if patches else weight
+
+
+def stored_dtype(model: comfy.model_patcher.ModelPatcher) -> torch.dtype:
+    """The dtype deltas are kept in: the model's own when that is fp16 or bf16 (half the memory), else its
+    compute dtype when that is (fp8 weights computed in bf16), else fp32 (fp32 models)."""
+    for dtype in (model.model_dtype(), getattr(model.model, "manual_cast_dtype", None)):
+        if dtype in (torch.float16, torch.bfloat16):
+            return dtype
+    return torch.float32
+
+
+def _placements(model: comfy.model_patcher.ModelPatcher, keys) -> dict[str, ChangedParameter]:
+    return {key: place_parameter(model.model, key) for key in keys}
+
+
+def _check_structure(placements: dict[str, ChangedParameter]) -> None:
+    """Log how the changed parameters will be guided (SPEC.md: the log says which route and why)."""
+    own = [p for p in placements.values() if p.placement == Placement.OWN_FORWARD]
+    mixing = sorted({p.container for p in placements.values() if p.placement == Placement.IN_ROW_MIXING})
+    if mixing:
+        log.info("Personalization guidance: %d module(s) route tokens between rows inside (first: %s); they run "
+                 "their weak rows in a call of their own.", len(mixing), mixing[0])
+    if own:
+        log.info("Personalization guidance: %d changed parameter(s) cannot be guided row by row (first: %s); the "
+                 "weak evaluation runs as a forward of its own.", len(own), own[0].reason)
+
+
+def _low_rank_candidate(placement: ChangedParameter, model: comfy.model_patcher.ModelPatcher, shape) -> bool:
+    return (placement.placement == Placement.LAYER and placement.kind.low_rank and placement.name == "weight"
+            and len(shape) >= 2 and getattr(model.model.get_submodule(placement.path), "groups", 1) == 1)
+
+
+def memory_needed(shapes: dict[str, torch.Size], dtypes: dict[str, torch.dtype], stored: torch.dtype,
+                  low_rank: LowRankSpec | None, low_rankable: set[str]) -> tuple[int, int]:
+    """Bytes a pair may add in system memory: (the delta kept, the most held at once while forming one tensor).
+
+    The delta is counted as if every floating tensor changed (what a full fine-tune does). With the low-rank
+    option a weight counts its factors at ``rank`` (or in full when uncapped), and its SVD's workspace.
+    """
+    size = torch.empty((), dtype=stored).element_size()
+    kept, transient = 0, 0
+    for key, shape in shapes.items():
+        if not dtypes[key].is_floating_point:
+            continue
+        n = math.prod(shape)
+        if low_rank is not None and key in low_rankable:
+            rows, cols = shape[0], n // shape[0]
+            r = min(rows, cols) if low_rank.rank == 0 else min(low_rank.rank, rows, cols)
+            kept += min(r * (rows + cols), n) * size
+            transient = max(transient, 4 * (3 * n + min(rows, cols) * (rows + cols)))  # delta, U, Vh in fp32
+        else:
+            kept += n * size
+            transient = max(transient, 4 * 2 * n)  # the fp32 delta and one fp32 copy while patches apply
+    return kept, transient
+
+
+def _check_memory(kept: int, transient: int, what: str) -> None:
+    """Refuse, with the figures, a pair that would not fit in free system memory (ComfyUI's own reading)."""
+    free = comfy.model_management.get_free_memory(torch.device("cpu"))
+    if kept + transient > free:
+        raise GuidanceInputError(
+            f"Forming {what} needs up to {kept / GIB:.2f} GiB of system memory for the delta plus "
+            f"{transient / GIB:.2f} GiB while forming, and {free / GIB:.2f} GiB is free. Free memory (close other "
+            "programs, unload other models), load both models in a narrower weight dtype, or use the low-rank "
+            "option (a smaller rank)."
+        )
+
+
+def pair_from_models(base: comfy.model_patcher.ModelPatcher, finetuned: comfy.model_patcher.ModelPatcher,
+                     low_rank: LowRankSpec | None = None) -> FinetunedPair:
+    """Form the pair from two MODELs: a clone with extra (LoRA) patches, or two separate models.
+
+    ``low_rank``: keep each Linear/Conv weight delta as its truncated SVD (an approximation; the log says how
+    close). For a LoRA pair it changes nothing: LoRA factors are low-rank already.
+    """
+    if finetuned.is_clone(base):
+        return _pair_from_clone(base, finetuned)
+    base_sd = base.model_state_dict(DIFFUSION_PREFIX)
+    ft_sd = finetuned.model_state_dict(DIFFUSION_PREFIX)
+    check_same_architecture({k: v.shape for k, v in base_sd.items()}, {k: v.shape for k, v in ft_sd.items()})
+    shapes = {k: v.shape for k, v in ft_sd.items()}
+    dtypes = {k: host.float_dtype(v) for k, v in ft_sd.items()}
+    del base_sd, ft_sd
+    keys = sorted(k for k in shapes if dtypes[k].is_floating_point)
+    placements = _placements(finetuned, keys)  # structure only: before any weight is read
+    stored = stored_dtype(finetuned)
+    low_rankable = {k for k in keys if _low_rank_candidate(placements[k], finetuned, shapes[k])}
+    _check_memory(*memory_needed(shapes, dtypes, stored, low_rank, low_rankable), "the pair")
+
+    base_weights = base.get_key_patches(DIFFUSION_PREFIX)
+    ft_weights = finetuned.get_key_patches(DIFFUSION_PREFIX)
+    dense: dict[str, torch.Tensor] = {}
+    factors: dict[str, list[LayerDelta]] = {}
+    size = torch.empty((), dtype=stored).element_size()
+    approximated = [0, 0.0, 0.0, 0]  # layers, squared norm of the deltas, squared norm of the errors, bytes saved
     for key in keys:
-        weight, convert = originals[key][0]
-        weight = convert(weight.detach().to("cpu", torch.float32, copy=True), inplace=True)
-        patches = patches_of(key)
-        out[key] = comfy.lora.calculate_weight(patches, weight, key) if patches else weight
-    return out
+        d = _delta(key, base_weights[key], ft_weights[key])
+        if d is None:
+            continue
+        if low_rank is not None and key in low_rankable:
+            lr = low_rank_factors(d, low_rank.rank, low_rank.energy)
+            if lr is not None:
+                norm2 = float(d.double().square().sum())
+                approximated[0] += 1
+                approximated[1] += norm2
+                approximated[2] += norm2 * max(0.0, 1.0 - lr.kept)
+                lr.up, lr.down = lr.up.to(stored), lr.down.to(stored)
+                approximated[3] += (d.numel() - lr.up.numel() - lr.down.numel()) * size
+                factors[key] = [lr]
+                continue
+        dense[key] = d if d.dtype == stored else d.to(stored)
+    del base_weights, ft_weights
+    changed = {k: placements[k] for k in (*dense, *factors)}
+    if not changed:
+        raise GuidanceInputError(
+            "The fine-tuned model's diffusion model is identical to the base model's: there is nothing to "
+            "personalize, and guidance would be plain CFG. Choose the fine-tuned checkpoint (or LoRA) as the "
+            "personalization, not the base again."
+        )
+    approximation = None
+    if approximated[0]:
+        approximation = Approximation(approximated[0], 1.0 - approximated[2] / approximated[1],
+                                      math.sqrt(approximated[2] / approximated[1]), approximated[3])
+        log.info("Personalization guidance: low-rank pair, %d weight deltas approximated (rank <= %s, energy %g): "
+                 "they keep %.4f of the delta's squared norm (relative error %.4f), %.2f GiB smaller.",
+                 approximation.layers, low_rank.rank or "no cap", low_rank.energy, approximation.kept_energy,
+                 approximation.relative_error, approximation.bytes_saved / GIB)
+    _check_structure(changed)
+    pair = FinetunedPair(finetuned=finetuned, deltas=_collect(finetuned, dense, factors), placements=changed,
+                         approximation=approximation)
+    log.info("Personalization guidance: pair formed, %d changed tensors, delta %.2f GiB in %s.",
+             len(changed), pair.delta_bytes() / GIB, str(stored).removeprefix("torch."))
+    return pair
 
 
-def _collect(model: comfy.model_patcher.ModelPatcher, dense: dict[str, torch.Tensor], low_rank) -> dict[str, list[LayerDelta]]:
-    """Group per-tensor deltas by layer and check that each layer can take them."""
+def _delta(key: str, base_entry: list, ft_entry: list) -> torch.Tensor | None:
+    """finetuned - base for one key, from the unpatched originals and the patches ``get_key_patches`` lists."""
+    (base_weight, base_convert), *base_patches = base_entry
+    (ft_weight, ft_convert), *ft_patches = ft_entry
+    plain = not base_patches and not ft_patches and not host.is_quantized(base_weight) and not host.is_quantized(ft_weight)
+    if plain:
+        # The common case: no patches, no conversion (a convert function only exists with patches to apply).
+        return tensor_delta(key, base_weight.detach().cpu(), ft_weight.detach())
+    base_eff = _effective(base_weight, base_convert, base_patches, key)
+    return tensor_delta(key, base_eff, _effective(ft_weight, ft_convert, ft_patches, key))
+
+
+def _collect(model: comfy.model_patcher.ModelPatcher, dense: dict[str, torch.Tensor],
+             low_rank: dict[str, list[LayerDelta]]) -> dict[str, list[LayerDelta]]:
+    """Group per-tensor deltas by module, and check that each fits its module."""
     layers: dict[str, list[LayerDelta]] = {}
     for key, d in dense.items():
-        layer, param = _split_key(key)
-        if param not in ("weight", "bias"):
-            raise GuidanceInputError(f"The personalization changes {key}, which is not a layer's weight or bias.")
-        group = layers.setdefault(layer, [])
+        path, param = _split_key(key)
+        group = layers.setdefault(path, [])
         dense_delta = next((x for x in group if isinstance(x, DenseDelta)), None)
         if dense_delta is None:
             dense_delta = DenseDelta()
             group.append(dense_delta)
-        setattr(dense_delta, param, _stored(d, model))
+        dense_delta.params[param] = d
     for key, deltas in low_rank.items():
         layers.setdefault(_split_key(key)[0], []).extend(deltas)
-    for layer, deltas in layers.items():
-        module = model.model.get_submodule(layer)
+    for path, deltas in layers.items():
+        module = model.model.get_submodule(path)
         for d in deltas:
-            check_layer(layer, module, d)
+            if isinstance(d, LowRankDelta) or all(place_parameter(model.model, f"{path}.{p}").placement == Placement.LAYER
+                                                  for p in d.params):
+                check_layer(path, module, d)
     return layers
-
-
-def pair_from_models(base: comfy.model_patcher.ModelPatcher, finetuned: comfy.model_patcher.ModelPatcher) -> FinetunedPair:
-    """Form the pair from two MODELs: a clone with extra (LoRA) patches, or two separate models."""
-    if finetuned.is_clone(base):
-        return _pair_from_clone(base, finetuned)
-    base_shapes = {k: v.shape for k, v in base.model_state_dict(DIFFUSION_PREFIX).items()}
-    ft_shapes = {k: v.shape for k, v in finetuned.model_state_dict(DIFFUSION_PREFIX).items()}
-    check_same_architecture(base_shapes, ft_shapes)  # before any weight is read
-    keys = sorted(base_shapes)
-    delta = weight_delta(
-        _effective_weights(base, keys, lambda k: base.patches.get(k)),
-        _effective_weights(finetuned, keys, lambda k: finetuned.patches.get(k)),
-    )
-    dense = {DIFFUSION_PREFIX + k: d for k, d in delta.items()}
-    return FinetunedPair(finetuned=finetuned, deltas=_collect(finetuned, dense, {}))
-
-
-def _stored(delta: torch.Tensor, model: comfy.model_patcher.ModelPatcher) -> torch.Tensor:
-    """A delta formed in fp32, kept in the fine-tuned model's dtype when that is fp16 or bf16 (half the memory);
-    fp32 otherwise (fp32 models, and fp8 models, whose deltas fp8 would not hold)."""
-    dtype = model.model_dtype()
-    return delta.to(dtype) if dtype in (torch.float16, torch.bfloat16) else delta
 
 
 def _pair_from_clone(base: comfy.model_patcher.ModelPatcher, finetuned: comfy.model_patcher.ModelPatcher) -> FinetunedPair:
     """The fine-tuned MODEL is the base with extra patches (a LoRA): those patches are the delta.
 
     Plain LoRA patches stay low-rank and are applied row by row; any other patch
-    (LoHa, LoKr, DoRA, LoCon with a mid weight, …) becomes an exact dense delta.
+    (LoHa, LoKr, DoRA, LoCon with a mid weight, a ``.diff`` on a norm, …) becomes an
+    exact dense delta, formed one tensor at a time.
     """
     low_rank: dict[str, list[LayerDelta]] = {}
     dense_keys = []
@@ -188,7 +361,9 @@ def _pair_from_clone(base: comfy.model_patcher.ModelPatcher, finetuned: comfy.mo
         if not key.startswith(DIFFUSION_PREFIX):
             raise GuidanceInputError(f"The personalization patches {key}, outside the diffusion model.")
         factors = [_low_rank(p) for p in extra]
-        if all(f is not None for f in factors):
+        placement = place_parameter(finetuned.model, key)
+        shape = getattr(finetuned.model.get_submodule(placement.path), placement.name).shape
+        if all(f is not None for f in factors) and _low_rank_candidate(placement, finetuned, shape):
             low_rank[key] = factors
         else:
             dense_keys.append(key)
@@ -199,18 +374,26 @@ def _pair_from_clone(base: comfy.model_patcher.ModelPatcher, finetuned: comfy.mo
         )
     dense = {}
     if dense_keys:
-        ft = _effective_weights(finetuned, dense_keys, lambda k: finetuned.patches[k])
-        pre = _effective_weights(base, dense_keys, lambda k: base.patches.get(k))
-        dense = {k: ft[k] - pre[k] for k in dense_keys}
-        check_finite(dense, "The LoRA's weight delta")
+        stored = stored_dtype(finetuned)
+        ft_weights = finetuned.get_key_patches(DIFFUSION_PREFIX)
+        for key in dense_keys:
+            (weight, convert), *patches = ft_weights[key]
+            base_patches = base.patches.get(key, [])
+            d = tensor_delta(key, _effective(weight, convert, base_patches, key),
+                             _effective(weight, convert, patches, key), stored)
+            if d is not None:
+                dense[key] = d
         log.info(
-            "Personalization guidance: %d of %d patched tensors are not plain LoRA (LoHa, LoKr, DoRA, ...) and use an "
-            "exact dense delta instead of the batched low-rank route.",
+            "Personalization guidance: %d of %d patched tensors are not plain LoRA on a Linear or Conv weight (LoHa, "
+            "LoKr, DoRA, a .diff, ...) and use an exact dense delta instead of the batched low-rank route.",
             len(dense_keys), len(dense_keys) + len(low_rank),
         )
+    placements = _placements(finetuned, (*dense, *low_rank))
+    _check_structure(placements)
     return FinetunedPair(
         finetuned=finetuned,
         deltas=_collect(finetuned, dense, low_rank),
+        placements=placements,
         dense_fallbacks=len(dense_keys),
     )
 
@@ -222,6 +405,7 @@ def load_lora_pair(
 
     Unlike ``comfy.sd.load_lora_for_models`` this counts what matched: a LoRA that
     matches nothing is an error, one that matches in part a warning with counts.
+    ``base_clip`` may be None (a diffusion-model file has no CLIP).
     """
     check_finite(lora_sd, f"The LoRA {name}")
     key_map = comfy.lora.model_lora_keys_unet(base_model.model, {})

@@ -1,33 +1,29 @@
 """Personalization guidance inside ComfyUI's sampling: one core for the GUIDER and the KSampler route.
 
-``attach`` returns a clone of the fine-tuned MODEL carrying three wrappers:
+``attach`` returns a clone of the fine-tuned MODEL carrying four wrappers:
 
-- OUTER_SAMPLE: for the length of one sampling run, the per-layer machinery below on
-  the layers that the personalization changed. Undone in ``finally``, so an
-  interrupted or failed run leaves the model as it was.
+- OUTER_SAMPLE: for the length of one sampling run, the per-layer machinery of
+  ``layers.py`` on the modules that the personalization changed. Undone in ``finally``,
+  so an interrupted or failed run leaves the model as it was. A model that ComfyUI
+  would run on several GPUs is refused here, before anything loads.
+- SAMPLER_SAMPLE: once the model is loaded, and before the first step, each changed
+  module gets its handler, chosen from how ``guidance.layers`` places its parameters
+  and how ComfyUI holds its weights (``host.py``), and the route is decided:
+  the weak null evaluation batched with the fine-tuned ones as CFG batches cond and
+  uncond (rows), or in a forward of its own where some change cannot be guided row by
+  row. The log says which and why.
 - PREDICT_NOISE: replaces CFG's combination with the estimate of SPEC.md. ComfyUI's
   pre- and post-CFG hooks are replayed, seeing the weak null prediction as "uncond".
-- APPLY_MODEL: tells the layers which rows of the batch are the weak model's
-  (``transformer_options["cond_or_uncond"]``).
+- APPLY_MODEL: tells the handlers which rows of the batch are the weak model's
+  (``transformer_options["cond_or_uncond"]``), and after the first forward with weak
+  rows checks that ComfyUI called every module whose handler relies on it.
 
-The evaluations go through one ``calc_cond_batch`` call, batched exactly as CFG's
-cond and uncond. The weak rows of each changed layer compute theta_pre + omega * delta
-= theta_ft + (omega - 1) * delta in one of two exact ways (``guidance.deltas``):
-
-- Correction (LoRA pairs, and any pair that changes few weights): a forward hook adds
-  ``(omega - 1) * F_delta(x)`` to the weak rows of the layer's output, in low rank for
-  LoRA. One copy of the base weights.
-- Weak weights (full fine-tunes, which change nearly every weight, so that a
-  correction would pass the weak rows through every layer twice): the layer runs its
-  fine-tuned rows with theta_ft and its weak rows with weak parameters. Where omega
-  takes one value (a flat schedule) they are formed once in a workspace that stays
-  loaded (theta_ft and theta_w on the device, the delta in system memory); where it
-  moves, each layer forms them just in time from theta_ft and the delta in a scratch
-  buffer the size of the largest layer (theta_ft and the delta on the device). Two
-  weight sets either way (SPEC.md), as with two separate UNets.
-
-Both exist only during a run: hooks are removed and layer forwards restored in
-``finally``; the weights themselves are never written.
+Weak weights (full fine-tunes, where a correction would pass the weak rows through
+every layer twice) are formed once per omega in a workspace that loads with the model,
+where omega is flat and the device has room for it next to the model; otherwise each
+layer forms them just in time in a scratch buffer the size of the largest layer. Two
+weight sets either way (SPEC.md): theta_ft and theta_w on the device and the delta in
+system memory, or theta_ft and the delta.
 """
 
 from __future__ import annotations
@@ -39,6 +35,7 @@ from enum import Enum
 
 import torch
 
+import comfy.model_management
 import comfy.model_patcher
 import comfy.patcher_extension
 import comfy.sampler_helpers
@@ -48,15 +45,30 @@ from ...guidance import (
     DenseDelta,
     GuidanceInputError,
     LayerDelta,
+    LowRankDelta,
     OmegaSchedule,
+    Placement,
     check_scale,
     combine,
-    omega_at,
+    omega_at_sigma,
     plan_evaluations,
     plan_for_rows,
-    prepare_correction,
-    rows_for_layer,
+    progress_of_sigma,
     weak_parameter,
+)
+from . import host
+from .layers import (
+    ALL,
+    Correction,
+    Handler,
+    ReadWatch,
+    RowLayoutChanged,
+    RowMixing,
+    RowState,
+    Scratch,
+    Swap,
+    WeakWeights,
+    WeightFunction,
 )
 from .pairs import FinetunedPair
 
@@ -73,6 +85,13 @@ FT_POSITIVE, WEAK_NULL, FT_NEGATIVE = 0, 1, 2
 class Estimate(str, Enum):
     TWO_WAY = "two-way (paper)"
     THREE_WAY = "three-way"
+
+
+class Route(str, Enum):
+    """Where the weak null evaluation runs."""
+
+    ROWS = "rows of the batched forward"  # with the fine-tuned evaluations, as CFG batches uncond with cond
+    OWN_FORWARD = "a forward of its own"
 
 
 @dataclass(frozen=True)
@@ -112,24 +131,8 @@ class GuidanceConfig:
     null: list | None = None
     # Per-row values (the schedule and scales above are then unused where these are given).
     rows: RowScales | None = None
-
-
-def progress_of_sigma(model_sampling, sigma: float) -> float:
-    """p in [0, 1] with ``model_sampling.percent_to_sigma(p) == sigma``: the inverse, by bisection.
-
-    ``percent_to_sigma`` is decreasing for every ComfyUI model sampling, so this is
-    the same progress convention that ComfyUI's timestep ranges use.
-    """
-    lo, hi = 0.0, 1.0
-    if sigma >= model_sampling.percent_to_sigma(1e-9):
-        return 0.0
-    for _ in range(48):
-        mid = 0.5 * (lo + hi)
-        if model_sampling.percent_to_sigma(mid) > sigma:
-            lo = mid
-        else:
-            hi = mid
-    return 0.5 * (lo + hi)
+    # The route, when a test or benchmark wants one; None chooses (see the module docstring).
+    route: Route | None = None
 
 
 def _same_conditioning(conditioning: list, converted: list | None) -> bool:
@@ -167,188 +170,204 @@ class WeakWorkspace(torch.nn.Module):
                 slots[name] = slot
             self.layers[path] = slots
 
-
-def _single_dense(deltas: list[LayerDelta]) -> bool:
-    """True for a layer whose delta is one dense delta: a layer that can run its weak rows with weak weights."""
-    return len(deltas) == 1 and isinstance(deltas[0], DenseDelta) and bool(deltas[0].tensors())
+    def nbytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.parameters())
 
 
-def _can_split(layer: torch.nn.Module, delta: DenseDelta, slots: dict[str, torch.nn.Parameter] | None) -> bool:
-    """True when ``layer`` computes with its parameters as they are, so that running rows with others is exact.
-
-    Not so when ComfyUI casts or patches them on the fly (low-VRAM loads, weight
-    functions), when the workspace did not land on the layer's device, or when
-    something else already replaced the layer's forward.
-    """
-    if getattr(layer, "comfy_cast_weights", False) or getattr(layer, "weight_function", None) or getattr(layer, "bias_function", None):
-        return False
-    if "forward" in layer.__dict__:
-        return False
-    for name in ("weight", "bias"):
-        if getattr(delta, name) is None:
-            continue
-        param = layer._parameters.get(name)
-        if param is None:
-            return False
-        slot = None if slots is None else slots[name]
-        if slot is not None and (param.device != slot.device or param.dtype != slot.dtype or param.shape != slot.shape):
-            return False
-    return True
+def _single_dense(deltas: list[LayerDelta]) -> DenseDelta | None:
+    """The module's delta when it is one dense delta, else None."""
+    return deltas[0] if len(deltas) == 1 and isinstance(deltas[0], DenseDelta) and deltas[0].tensors() else None
 
 
-def _segments(weak: list[slice], size: int) -> list[tuple[slice, bool]]:
-    """``range(size)`` cut into consecutive chunks, each marked weak or not."""
-    out, at = [], 0
-    for chunk in sorted(weak, key=lambda c: c.start):
-        if chunk.start > at:
-            out.append((slice(at, chunk.start), False))
-        out.append((chunk, True))
-        at = chunk.stop
-    if at < size:
-        out.append((slice(at, size), False))
-    return out
+def _parameter_names(deltas: list[LayerDelta]) -> list[str]:
+    """The parameters a module's deltas change (LoRA factors change its weight)."""
+    names = ["weight"] if any(isinstance(d, LowRankDelta) for d in deltas) else []
+    return list(dict.fromkeys(names + [n for d in deltas if isinstance(d, DenseDelta) for n in d.params]))
+
+
+def _plain_layer_delta(pair: FinetunedPair, path: str, deltas: list[LayerDelta]) -> DenseDelta | None:
+    """A dense delta on a layer kind's own parameters, outside any row-mixing module: weak weights can take it."""
+    dense = _single_dense(deltas)
+    if dense is None:
+        return None
+    placements = [pair.placements[f"{path}.{name}"].placement for name in dense.params]
+    return dense if all(p == Placement.LAYER for p in placements) else None
+
+
+class _Reroute(Exception):
+    """Raised from a forward with weak rows: the weak evaluation moves to a forward of its own, and ``paths`` to
+    handlers that do not rely on ComfyUI calling their modules. Nothing persists from the forward that raised it;
+    the step's evaluations are made again."""
+
+    def __init__(self, reason: str, paths: tuple[str, ...] = ()):
+        super().__init__(reason)
+        self.reason, self.paths = reason, paths
 
 
 class _Run:
-    """State of one sampling run: which rows are weak in the current forward, and the per-layer machinery."""
+    """One sampling run: the handlers, and which rows of the current forward are weak."""
 
-    def __init__(self, pair: FinetunedPair, diffusion_parent: torch.nn.Module, weak_weights: bool,
-                 workspace: WeakWorkspace | None):
-        self.coefficient: float | torch.Tensor = 0.0  # omega - 1: one value, or one per latent row (RowScales)
-        self.rows: list[slice] | None = None  # the weak chunks of the current forward's batch
-        self.batch = 0
-        self.handles = []
-        self.parent = diffusion_parent
-        self.deltas = pair.deltas
-        self.workspace = workspace  # weak weights formed once (flat schedules); None: formed just in time
-        self.scratch: dict[tuple, torch.Tensor] = {}  # just in time: one buffer per device and dtype
-        self.scratch_size = 0
-        # Weak weights: the layers that run their weak rows with them, decided on the first weak forward.
+    def __init__(self, pair: FinetunedPair, config: GuidanceConfig, weak_weights: bool, workspace: WeakWorkspace | None):
+        self.pair, self.config = pair, config
         self.weak_weights = weak_weights
-        self.split: list[tuple[str, torch.nn.Module, DenseDelta]] | None = None
+        self.workspace = workspace
+        self.state = RowState()
+        self.handlers: list[Handler] = []
+        self.route: Route | None = None
+        self.scratch = Scratch()
+        self.watched = False  # the first forward with weak rows of these handlers has been checked
+        self.root: torch.nn.Module | None = None
+        self.uncalled: set[str] = set()  # modules whose weights ComfyUI may read without calling them
+
+    # Choosing handlers, once the model is loaded.
+    def prepare(self, root: torch.nn.Module, route: Route | None = None) -> None:
+        """Give each changed module its handler and decide the route (module docstring)."""
+        self.root = root
+        pair = self.pair
+        handlers: list[Handler] = []
+        reasons: list[str] = []
         for path, deltas in pair.deltas.items():
-            if not (weak_weights and _single_dense(deltas)):
-                self._add_hook(path, deltas)
+            module = root.get_submodule(path)
+            places = [pair.placements[f"{path}.{name}"] for name in _parameter_names(deltas)]
+            why = next((p.reason for p in places if p.reason), "")
+            layer = all(p.kind is not None for p in places) and not why
+            handlers.append(self._handler(path, module, deltas, layer))
+            if why:
+                reasons.append(why)
+        containers = sorted({p.container for p in pair.placements.values() if p.placement == Placement.IN_ROW_MIXING})
+        for container in containers:
+            inner = [h for h in handlers if h.path.startswith(container + ".")]
+            handlers.append(RowMixing(container, root.get_submodule(container), self.state, inner))
+        in_mixing = {id(h) for h in handlers if any(h.path.startswith(c + ".") for c in containers)}
+        needs_own = [h for h in handlers if not h.row_capable and id(h) not in in_mixing]
+        route = route or self.config.route or (Route.OWN_FORWARD if needs_own else Route.ROWS)
+        if route == Route.ROWS and needs_own:
+            raise GuidanceInputError(f"Personalization guidance: {needs_own[0].path} needs a weak forward of its own.")
+        if self.config.rows is not None:
+            blocked = next((h for h in handlers if not h.per_row_omega), None)
+            if blocked is not None:
+                raise RowOmegasUnavailable(blocked.path)
+        self.route, self.handlers, self.watched = route, handlers, False
+        self.scratch.size = max((sum(t.numel() for t in h.delta.tensors()) for h in handlers
+                                 if isinstance(h, WeakWeights) and h.slots is None), default=0)
+        for handler in handlers:
+            handler.install()
+        counts: dict[str, int] = {}
+        for handler in handlers:
+            counts[type(handler).__name__] = counts.get(type(handler).__name__, 0) + 1
+        because = f" ({reasons[0]}{'; and others' if len(reasons) > 1 else ''})" if route == Route.OWN_FORWARD and reasons else ""
+        log.info("Personalization guidance: the weak evaluation runs in %s%s; handlers: %s.", route.value, because,
+                 ", ".join(f"{k} x {n}" for k, n in sorted(counts.items())))
 
-    def _add_hook(self, path: str, deltas: list[LayerDelta]):
-        layer = self.parent.get_submodule(path)
-        self.handles.append(layer.register_forward_hook(self._hook(layer, deltas)))
+    def _handler(self, path: str, module: torch.nn.Module, deltas: list[LayerDelta], layer: bool) -> Handler:
+        """The handler of one changed module (module docstring of ``layers.py``).
 
-    def close(self):
-        for _, layer, _ in self.split or []:
-            layer.__dict__.pop("forward", None)
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
+        Layer kinds: weak weights for a full fine-tune's layer that computes with its own parameters; the
+        correction for LoRA factors, small deltas and per-row omegas, and wherever ComfyUI casts, streams or
+        patches the weights on the fly; ComfyUI's weight function for a comfy.ops layer whose weights may be read
+        without calling it. Everything else: the module holds weak values through a weak forward of its own.
+        """
+        state = self.state
+        dense = _single_dense(deltas)
+        uncalled = path in self.uncalled
+        if layer and not uncalled:
+            if dense is not None and self.weak_weights and self.config.rows is None and host.computes_with_own_parameters(module):
+                slots = None if self.workspace is None else self.workspace.layers.get(path)
+                if slots is not None and any(module._parameters[n].device != s.device or module._parameters[n].dtype != s.dtype
+                                             for n, s in slots.items()):
+                    slots = None  # the workspace landed elsewhere (a partial load): form just in time
+                return WeakWeights(path, module, state, dense, slots, self.scratch)
+            return Correction(path, module, state, deltas)
+        if dense is not None and layer and host.casts_through_comfy(module):
+            return WeightFunction(path, module, state, dense)
+        if dense is None:
+            raise GuidanceInputError(f"Personalization guidance cannot apply LoRA factors to {path} without calling it.")
+        return Swap(path, module, state, dict(dense.params))
+
+    def reroute(self, change: _Reroute) -> None:
+        """Move the weak evaluation to a forward of its own (``_Reroute``), with new handlers where needed."""
+        if self.config.rows is not None:
+            raise RowOmegasUnavailable(change.paths[0] if change.paths else change.reason)
+        if self.config.route == Route.ROWS or (self.route == Route.OWN_FORWARD and not set(change.paths) - self.uncalled):
+            raise GuidanceInputError(f"Personalization guidance cannot apply the weak model exactly: {change.reason}.")
+        log.info("Personalization guidance: %s; the weak evaluation moves to a forward of its own.", change.reason)
+        self.close()
+        self.uncalled |= set(change.paths)
+        self.prepare(self.root, Route.OWN_FORWARD)
+
+    def close(self) -> None:
+        for handler in self.handlers:
+            handler.remove()
+        self.handlers = []
         self.scratch.clear()
 
-    def _layer_rows(self, x: torch.Tensor, coefficient):
-        """The weak rows (and per-row coefficients) as the layer sees them: some layers expand each batch row."""
-        rows = self.rows
-        if x.shape[0] != self.batch:
-            rows = [rows_for_layer(r, self.batch, x.shape[0]) for r in rows]
-            if isinstance(coefficient, torch.Tensor):
-                coefficient = coefficient.repeat_interleave(x.shape[0] // self.batch)
-        return rows, coefficient
-
-    def _hook(self, layer: torch.nn.Module, deltas: list[LayerDelta]):
-        prepared = []  # once per run, on the device and in the dtype the layer computes in
-
-        def hook(module, args, out):
-            if self.rows is None or (not isinstance(self.coefficient, torch.Tensor) and self.coefficient == 0.0):
-                return None
-            x = args[0]
-            if not prepared:
-                prepared.extend(prepare_correction(layer, d, x.device, x.dtype) for d in deltas)
-            rows, coefficient = self._layer_rows(x, self.coefficient)
-            if out.requires_grad:
-                out = out.clone()
-            for correction in prepared:
-                for chunk in rows:
-                    correction.add(x, out, chunk, coefficient)
-            return out
-
-        return hook
-
-    # Weak weights.
-    def _split_forward(self, path: str, layer: torch.nn.Module, delta: DenseDelta):
-        """The layer's own forward, run on the fine-tuned rows as they are and on the weak rows with weak parameters."""
-        own = type(layer).forward.__get__(layer)
-        params = layer._parameters
-        names = [name for name in ("weight", "bias") if getattr(delta, name) is not None]
-
-        def forward(x, *args, **kwargs):
-            if self.rows is None or self.coefficient == 0.0:
-                return own(x, *args, **kwargs)
-            outs = []
-            for chunk, weak in _segments(self._layer_rows(x, None)[0], x.shape[0]):
-                if not weak:
-                    outs.append(own(x[chunk], *args, **kwargs))
-                    continue
-                saved = {name: params[name] for name in names}
-                params.update(self.workspace.layers[path] if self.workspace is not None else self._formed(layer, delta, names))
-                try:
-                    outs.append(own(x[chunk], *args, **kwargs))
-                finally:
-                    params.update(saved)
-            return outs[0] if len(outs) == 1 else torch.cat(outs)
-
-        return forward
-
+    # Each forward.
     @torch.no_grad()
-    def _formed(self, layer: torch.nn.Module, delta: DenseDelta, names: list[str]) -> dict[str, torch.Tensor]:
-        """Just in time: the layer's weak parameters for the current omega, in the run's scratch buffer."""
-        like = layer._parameters[names[0]]
-        key = (like.device, like.dtype)
-        buffer = self.scratch.get(key)
-        if buffer is None:
-            buffer = self.scratch[key] = torch.empty(self.scratch_size, device=like.device, dtype=like.dtype)
-        out, at = {}, 0
-        for name in names:
-            param = layer._parameters[name]
-            slot = buffer[at:at + param.numel()].view(param.shape)
-            out[name] = weak_parameter(param, getattr(delta, name), self.coefficient, out=slot)
-            at += param.numel()
-        return out
-
-    def _prepare_split(self):
-        """On the first weak forward (the model is loaded by then): which layers split, and hooks for the others."""
-        self.split = []
-        candidates = [(path, ds[0]) for path, ds in self.deltas.items() if _single_dense(ds)]
-        for path, delta in candidates:
-            layer = self.parent.get_submodule(path)
-            if _can_split(layer, delta, None if self.workspace is None else self.workspace.layers[path]):
-                self.split.append((path, layer, delta))
-                layer.forward = self._split_forward(path, layer, delta)
-                # Just in time, the weak parameters of one layer at a time: room for the largest.
-                self.scratch_size = max(self.scratch_size, sum(t.numel() for t in delta.tensors()))
-            else:
-                self._add_hook(path, [delta])
-        if len(self.split) < len(candidates):
-            log.info("Personalization guidance: %d of %d layers are cast or patched on the fly (low VRAM) and get "
-                     "the weak correction instead of weak weights.", len(candidates) - len(self.split), len(candidates))
-
-    @torch.no_grad()
-    def before_weak_forward(self):
-        """Weak weights: the split on the first weak forward; the workspace formed for the current omega unless it
-        already holds it (same omega, same loaded weights, same layers: e.g. the next run with a constant omega)."""
-        if not self.weak_weights or self.coefficient == 0.0:
-            return  # the correction only; or omega = 1: the weak model is the fine-tuned one
-        if self.split is None:
-            self._prepare_split()
-        if self.workspace is None:
+    def form_workspace(self) -> None:
+        """The workspace's weak weights for the current omega, unless it already holds them (same omega, same
+        loaded weights, same layers: e.g. the next run with a constant omega)."""
+        users = [h for h in self.handlers if isinstance(h, WeakWeights) and h.slots is not None]
+        if not users or self.state.inactive:
             return
-        loaded = getattr(self.parent, "current_weight_patches_uuid", None)
-        patcher = getattr(self.parent, "current_patcher", None)
+        loaded = getattr(self.root, "current_weight_patches_uuid", None)
+        patcher = getattr(self.root, "current_patcher", None)
         if patcher is not None and patcher.hook_patches:
             loaded = None  # hooks on the conditioning may patch weights during the run: form every time
-        key = (self.coefficient, loaded, tuple(path for path, _, _ in self.split))
+        key = (self.state.coefficient, loaded, tuple(h.path for h in users))
         if loaded is None or self.workspace.formed_for != key:
             self.workspace.formed_for = None  # an interrupted forming leaves nothing to trust
-            for path, layer, delta in self.split:
-                for name, slot in self.workspace.layers[path].items():
-                    weak_parameter(layer._parameters[name], getattr(delta, name), self.coefficient, out=slot.data)
+            for handler in users:
+                for name, slot in handler.slots.items():
+                    weak_parameter(handler.module._parameters[name], handler.delta.params[name], self.state.coefficient,
+                                   out=slot.data)
             self.workspace.formed_for = key
+
+    def forward(self, executor, args, kwargs):
+        """One model forward with weak rows (``state.rows`` set): the handlers' hooks run inside it. The first one
+        also checks that ComfyUI called every module whose handler relies on it (``ReadWatch``)."""
+        if self.state.inactive:
+            return executor(*args, **kwargs)
+        self.form_workspace()
+        try:
+            for handler in self.handlers:
+                handler.begin_forward()
+            if self.watched:
+                return executor(*args, **kwargs)
+            self.state.ran.clear()
+            with ReadWatch({h.path: h.module for h in self.handlers if h.relies_on_call}) as watch:
+                out = executor(*args, **kwargs)
+            self._check_first_forward(watch)
+            self.watched = True
+            return out
+        except RowLayoutChanged as changed:
+            raise _Reroute(f"{changed}, so its rows cannot be told apart") from None
+        finally:
+            for handler in self.handlers:
+                handler.end_forward()
+
+    def _check_first_forward(self, watch: ReadWatch) -> None:
+        """Every handler that relies on ComfyUI calling its module: called, or its weights not read at all."""
+        missed = [h for h in self.handlers if h.relies_on_call and id(h) not in self.state.ran]
+        fused = [h.path for h in missed if h.path in watch.outside]
+        unknown = [h.path for h in missed if h.path not in watch.layers and not isinstance(h, RowMixing)]
+        if fused or unknown:
+            paths = tuple(fused + unknown)
+            how = ("ComfyUI reads their weights without calling them (a fused kernel)" if fused else
+                   "ComfyUI did not call them, and may read their weights another way")
+            raise _Reroute(f"{len(paths)} changed layer(s) ({', '.join(paths[:3])}) were not called in the weak "
+                           f"evaluation: {how}", paths)
+        unused = [h.path for h in missed if h.path in watch.layers]
+        if unused:
+            log.info("Personalization guidance: %d changed layer(s) take no part in this model's forward (first: "
+                     "%s); their change has no effect on the fine-tuned or the weak model.", len(unused), unused[0])
+
+
+class RowOmegasUnavailable(GuidanceInputError):
+    """One omega per latent row (PG Sweep's batched combinations) cannot be served for this model and pair."""
+
+    def __init__(self, where: str):
+        super().__init__(f"Personalization guidance cannot give each row its own omega here ({where}): sample the "
+                         "combinations one after another.")
 
 
 class _Runtime:
@@ -367,46 +386,90 @@ class _Runtime:
         guider = executor.class_obj
         if self.run is not None:
             raise GuidanceInputError("Personalization guidance is already sampling with this model.")
+        if host.uses_multiple_gpus(guider.model_patcher):
+            raise GuidanceInputError(
+                "Personalization guidance cannot run on several GPUs (MultiGPU work units): ComfyUI would run some "
+                "evaluations on copies of the model that the guidance does not reach. Remove the MultiGPU node, or "
+                "sample on one GPU."
+            )
         null = self.config.null
         if null is not None and not _same_conditioning(null, guider.original_conds.get("negative")):
             guider.conds[NULL_KEY] = comfy.sampler_helpers.convert_cond(null)
-        self.run = _Run(self.config.weak.pair, guider.model_patcher.model, self.weak_weights, self.workspace)
+        self.run = _Run(self.config.weak.pair, self.config, self.weak_weights, self.workspace)
         try:
             return executor(*args, **kwargs)
         finally:
             self.run.close()
             self.run = None
 
+    # SAMPLER_SAMPLE: the model is loaded, no step has run.
+    def sampler_sample(self, executor, guider, *args, **kwargs):
+        if self.run is not None and self.run.route is None:
+            self.run.prepare(guider.model_patcher.model)
+        return executor(guider, *args, **kwargs)
+
     # APPLY_MODEL
     def apply_model(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
         run = self.run
         chunks = transformer_options.get("cond_or_uncond", [])
         weak = [i for i, which in enumerate(chunks) if which == WEAK_NULL]
-        if run is None or not weak:
-            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        args = (x, t, c_concat, c_crossattn, control, transformer_options)
+        if run is None or run.route is None or not weak:
+            return executor(*args, **kwargs)
+        state = run.state
         per_chunk = x.shape[0] // len(chunks)
-        if isinstance(run.coefficient, torch.Tensor) and run.coefficient.shape[0] != per_chunk:
+        if isinstance(state.coefficient, torch.Tensor) and state.coefficient.shape[0] != per_chunk:
             raise GuidanceInputError("Personalization guidance: per-row omega values do not match the batch.")
-        run.rows = [slice(i * per_chunk, (i + 1) * per_chunk) for i in weak]
-        run.batch = x.shape[0]
+        if len(weak) == len(chunks):
+            state.rows = ALL
+        elif run.route == Route.OWN_FORWARD:
+            raise GuidanceInputError("Personalization guidance: a weak evaluation meant for a forward of its own was "
+                                     "batched with others.")
+        else:
+            state.rows = [slice(i * per_chunk, (i + 1) * per_chunk) for i in weak]
+        state.batch = x.shape[0]
         try:
-            run.before_weak_forward()
-            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+            return run.forward(executor, args, kwargs)
         finally:
-            run.rows = None
+            state.rows = None
+
+    def progress(self, model_sampling, sigma: float) -> float:
+        # Progress depends on the sigma and the model's sampling alone: kept across runs (a bisection costs ~1 ms).
+        if self._progress_sampling is not model_sampling or len(self._progress_cache) > 4096:
+            self._progress_sampling, self._progress_cache = model_sampling, {}
+        p = self._progress_cache.get(sigma)
+        if p is None:
+            p = self._progress_cache[sigma] = progress_of_sigma(model_sampling.percent_to_sigma, sigma)
+        return p
 
     def omega(self, model, timestep: torch.Tensor) -> float:
         schedule = self.config.weak.schedule
         if schedule.is_constant:
             return schedule.omega_start
-        sigma = float(timestep.flatten()[0])
-        # Progress depends on the sigma and the model's sampling alone: kept across runs (a bisection costs ~1 ms).
-        if self._progress_sampling is not model.model_sampling or len(self._progress_cache) > 4096:
-            self._progress_sampling, self._progress_cache = model.model_sampling, {}
-        p = self._progress_cache.get(sigma)
-        if p is None:
-            p = self._progress_cache[sigma] = progress_of_sigma(model.model_sampling, sigma)
-        return omega_at(schedule, p)
+        sampling = model.model_sampling
+        return omega_at_sigma(schedule, float(timestep.flatten()[0]), sampling.percent_to_sigma,
+                              lambda sigma: self.progress(sampling, sigma))
+
+    def evaluate(self, model, batch: list, x, timestep, model_options, coefficient) -> list[torch.Tensor]:
+        """The evaluations of ``batch`` through ComfyUI's calc_cond_batch: batched as CFG batches them, the weak
+        null evaluation in a forward of its own where the route says so. A forward that finds the route wrong
+        (``_Reroute``) changes it, and the step's evaluations are made again."""
+        run = self.run
+        if run is None:
+            return comfy.samplers.calc_cond_batch(model, batch, x, timestep, model_options)
+        run.state.coefficient = coefficient
+        for _ in range(3):  # at most: rows -> a forward of its own -> layers not called get other handlers
+            try:
+                if run.route == Route.OWN_FORWARD and batch[WEAK_NULL] is not None:
+                    out = comfy.samplers.calc_cond_batch(model, [batch[FT_POSITIVE], None, batch[FT_NEGATIVE]], x,
+                                                         timestep, model_options)
+                    weak = comfy.samplers.calc_cond_batch(model, [None, batch[WEAK_NULL]], x, timestep, model_options)
+                    out[WEAK_NULL] = weak[WEAK_NULL]
+                    return out
+                return comfy.samplers.calc_cond_batch(model, batch, x, timestep, model_options)
+            except _Reroute as change:
+                run.reroute(change)
+        raise GuidanceInputError("Personalization guidance could not settle on a route for this model.")
 
     # PREDICT_NOISE
     def predict_noise(self, executor, x, timestep, model_options={}, seed=None):
@@ -442,9 +505,7 @@ class _Runtime:
             batch[WEAK_NULL] = null
         if evaluations.ft_negative:
             batch[FT_NEGATIVE] = negative
-        if self.run is not None:
-            self.run.coefficient = coefficient
-        out = comfy.samplers.calc_cond_batch(model, batch, x, timestep, model_options)
+        out = self.evaluate(model, batch, x, timestep, model_options, coefficient)
         for fn in model_options.get("sampler_pre_cfg_function", []):
             out = fn({"conds": batch, "conds_out": out, "cond_scale": lambda_t, "timestep": timestep, "input": x,
                       "sigma": timestep, "model": model, "model_options": model_options})
@@ -469,26 +530,37 @@ SPLIT_FRACTION = 0.5
 
 
 def _prefers_weak_weights(model: comfy.model_patcher.ModelPatcher, pair: FinetunedPair) -> bool:
-    """True when weak weights are the cheaper way for this pair (a full fine-tune): see the module docstring.
-
-    A model that casts its weights on every forward (``manual_cast_dtype``) keeps the correction.
-    """
-    if getattr(model.model, "manual_cast_dtype", None) is not None:
-        return False
-    dense = sum(t.numel() for deltas in pair.deltas.values() if _single_dense(deltas) for t in deltas[0].tensors())
+    """True when weak weights are the cheaper way for this pair (a full fine-tune): see the module docstring."""
+    dense = sum(t.numel() for path, deltas in pair.deltas.items()
+                if (d := _plain_layer_delta(pair, path, deltas)) is not None for t in d.tensors())
     return dense >= SPLIT_FRACTION * sum(p.numel() for p in model.model.diffusion_model.parameters())
 
 
-def _workspace(model: comfy.model_patcher.ModelPatcher, pair: FinetunedPair) -> comfy.model_patcher.ModelPatcher:
-    """The pair's workspace for weak weights formed once. Made on first use and shared by every guider of the pair
-    (a sweep makes many; ComfyUI runs one sampling at a time), so that it is allocated and loaded once."""
+def _workspace_fits(model: comfy.model_patcher.ModelPatcher, nbytes: int) -> bool:
+    """Weak weights formed once take a second weight set on the device. Only where the device is not the system
+    memory that also holds the delta (SPEC.md: two weight sets), ComfyUI holds weights as they are (not streamed,
+    not cast from another dtype), and the model with the workspace fits in the device's memory."""
+    device = model.load_device
+    if device.type == "cpu" or host.is_dynamic(model) or getattr(model.model, "manual_cast_dtype", None) is not None:
+        return False
+    total = comfy.model_management.get_total_memory(device)
+    return model.model_size() + nbytes + comfy.model_management.minimum_inference_memory() < total
+
+
+def _workspace(model: comfy.model_patcher.ModelPatcher, pair: FinetunedPair) -> comfy.model_patcher.ModelPatcher | None:
+    """The pair's workspace for weak weights formed once, or None where it does not pay (``_workspace_fits``).
+    Made on first use and shared by every guider of the pair (a sweep makes many; ComfyUI runs one sampling at a
+    time), so that it is allocated and loaded once."""
     if pair.workspace is None:
         shapes = {}
         for path, deltas in pair.deltas.items():
-            if _single_dense(deltas):
+            dense = _plain_layer_delta(pair, path, deltas)
+            if dense is not None:
                 layer = model.model.get_submodule(path)
-                shapes[path] = {name: layer._parameters[name] for name in ("weight", "bias")
-                                if getattr(deltas[0], name) is not None}
+                shapes[path] = {name: layer._parameters[name] for name in dense.params}
+        nbytes = sum(t.numel() * t.element_size() for params in shapes.values() for t in params.values())
+        if not _workspace_fits(model, nbytes):
+            return None
         pair.workspace = comfy.model_patcher.ModelPatcher(WeakWorkspace(shapes, model.offload_device),
                                                           load_device=model.load_device, offload_device=model.offload_device)
     return pair.workspace
@@ -496,24 +568,26 @@ def _workspace(model: comfy.model_patcher.ModelPatcher, pair: FinetunedPair) -> 
 
 def attach(model: comfy.model_patcher.ModelPatcher, config: GuidanceConfig) -> comfy.model_patcher.ModelPatcher:
     """A clone of ``model`` that samples with personalization guidance (see the module docstring)."""
-    config.weak.pair.check_model(model)
+    pair = config.weak.pair
+    pair.check_model(model)
     if config.estimate == Estimate.THREE_WAY:
         check_scale("personalization_scale", config.lambda_p)
     if model.get_wrappers(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, WRAPPER_KEY):
         raise GuidanceInputError("This MODEL already has personalization guidance: apply it once.")
     patched = model.clone()
-    pair = config.weak.pair
     # Per-row omegas (PG Sweep) take the correction: a layer runs its weak rows with one set of weak weights.
     weak_weights = config.rows is None and _prefers_weak_weights(patched, pair)
     # What the run needs loads with the model, in the same load_models_gpu call, within ComfyUI's memory budget:
-    # the weak weights formed once where omega takes one value, else the delta.
+    # the weak weights formed once where omega takes one value and there is room, else the delta.
     workspace = _workspace(patched, pair) if weak_weights and config.weak.schedule.is_flat else None
     patched.set_additional_models(WRAPPER_KEY, [pair.delta_patcher if workspace is None else workspace])
     runtime = _Runtime(config, weak_weights, None if workspace is None else workspace.model)
-    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, runtime.outer_sample)
-    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, WRAPPER_KEY, runtime.predict_noise)
-    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, runtime.apply_model)
+    for kind, function in ((comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, runtime.outer_sample),
+                           (comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, runtime.sampler_sample),
+                           (comfy.patcher_extension.WrappersMP.PREDICT_NOISE, runtime.predict_noise),
+                           (comfy.patcher_extension.WrappersMP.APPLY_MODEL, runtime.apply_model)):
+        patched.add_wrapper_with_key(kind, WRAPPER_KEY, function)
     return patched
 
 
-__all__ = ["Estimate", "GuidanceConfig", "NULL_KEY", "RowScales", "WeakModel", "attach", "progress_of_sigma"]
+__all__ = ["Estimate", "GuidanceConfig", "NULL_KEY", "Route", "RowOmegasUnavailable", "RowScales", "WeakModel", "attach"]

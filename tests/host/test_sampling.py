@@ -188,7 +188,7 @@ class ForwardLog:
     ("lora", "two-way", [[2, False]]),
     ("lora", "three-way", [[3, False]]),
 ])
-def test_route_per_pair_kind(setup, pair_name, estimate, expected):
+def test_route_per_pair_kind(setup, pair_name, estimate, expected, monkeypatch):
     """One batched forward per step on both routes, as CFG's; the layers are restored after the run."""
     nodes = setup["nodes"]
     pair = setup["pairs"][pair_name][0]
@@ -200,6 +200,9 @@ def test_route_per_pair_kind(setup, pair_name, estimate, expected):
     guider = nodes.guider.PersonalizationGuider.execute(
         pair.finetuned, weak, comfy_cond(conds["c"]), comfy_cond(conds["null"]), est, LAMBDA, LAMBDA_P, negative=neg).args[0]
     noise, latent, sigmas = sample_inputs(pair.finetuned)
+    import comfy.model_management
+
+    comfy.model_management.load_models_gpu([pair.finetuned])  # LoRA patches in place: parameters as while sampling
     params = {name: id(p) for name, p in pair.finetuned.model.named_parameters()}
     log = ForwardLog(pair.finetuned.model.diffusion_model, layer)
     try:
@@ -215,12 +218,22 @@ def test_route_per_pair_kind(setup, pair_name, estimate, expected):
     # Two weight sets at most (SPEC.md): with omega moving, theta_ft and the delta (weak weights formed just in time).
     assert extra == [pair.delta_patcher]
     if pair_name == "full":
-        # A flat schedule: theta_ft and the weak weights, in one workspace per pair shared by its guiders.
         flat = nodes.weak_model.WeakModelInterpolator.execute(pair, **SCHEDULES["constant"][0]).args[0]
-        guiders = [nodes.guider.PersonalizationGuider.execute(
-            pair.finetuned, flat, comfy_cond(conds["c"]), comfy_cond(conds["null"]), est, LAMBDA, LAMBDA_P,
-            negative=neg).args[0] for _ in range(2)]
-        for g in guiders:
+
+        def guiders():
+            return [nodes.guider.PersonalizationGuider.execute(
+                pair.finetuned, flat, comfy_cond(conds["c"]), comfy_cond(conds["null"]), est, LAMBDA, LAMBDA_P,
+                negative=neg).args[0] for _ in range(2)]
+
+        # On the CPU the device is the system memory that holds the delta: a workspace would be a third weight set.
+        for g in guiders():
+            assert g.model_patcher.get_additional_models_with_key(nodes.core.runtime.WRAPPER_KEY) == [pair.delta_patcher]
+        assert pair.workspace is None
+        # Where the device has room (a GPU): theta_ft and the weak weights, one workspace per pair shared by its guiders.
+        monkeypatch.setattr(nodes.core.runtime, "_workspace_fits", lambda model, nbytes: True)
+        monkeypatch.setattr(pair, "workspace", None)  # made here, dropped after
+        for g in guiders():
+            assert pair.workspace is not None
             assert g.model_patcher.get_additional_models_with_key(nodes.core.runtime.WRAPPER_KEY) == [pair.workspace]
     else:
         assert pair.workspace is None
@@ -230,7 +243,8 @@ def test_route_per_pair_kind(setup, pair_name, estimate, expected):
 def test_low_vram_partial_load_matches_hand_reference(setup, pair_name, schedule, monkeypatch, caplog):
     """ComfyUI loads a model partially when VRAM is short: some layers then cast their weights on every forward and
     apply LoRA patches on the fly. The CPU never loads partially, so the load is told a third of the model fits;
-    the rest is ComfyUI's own low-VRAM code. The split route's layers that cast fall back to the correction."""
+    the rest is ComfyUI's own low-VRAM code. Cast layers take weak weights formed in their compute dtype; layers
+    patched on the fly take the correction."""
     import comfy.model_management
     import comfy.model_patcher
 
@@ -258,7 +272,8 @@ def test_low_vram_partial_load_matches_hand_reference(setup, pair_name, schedule
     if pair_name == "lora":
         assert patched_on_the_fly, "no LoRA patch was applied on the fly"
     else:
-        assert "cast or patched on the fly" in caplog.text  # some layers swapped, the cast ones corrected
+        # Layers cast on every forward still compute with their own parameters: weak weights in the compute dtype.
+        assert "handlers: WeakWeights x" in caplog.text and "Correction" not in caplog.text
     expected, _ = run_reference(setup, pair_name, schedule, "two-way", False)
     reference.close(ours, expected)
 
@@ -276,7 +291,10 @@ def test_weak_weights_are_formed_once_per_value_of_omega(setup, monkeypatch):
         formed.append(coefficient)
         return weak_parameter(finetuned, delta, coefficient, out=out)
 
-    monkeypatch.setattr(runtime, "weak_parameter", counting)
+    monkeypatch.setattr(runtime, "weak_parameter", counting)  # forming the workspace
+    monkeypatch.setattr(nodes.core.layers, "weak_parameter", counting)  # forming just in time
+    monkeypatch.setattr(runtime, "_workspace_fits", lambda model, nbytes: True)  # as on a GPU with room
+    monkeypatch.setattr(pair, "workspace", None)  # made here, dropped after
     conds = setup["conds"]
 
     def sample(schedule):
@@ -316,6 +334,8 @@ def test_weak_weights_follow_the_loaded_weights(setup, tiny_files, monkeypatch):
     weak_parameter = runtime.weak_parameter
     monkeypatch.setattr(runtime, "weak_parameter",
                         lambda finetuned, delta, c, out=None: formed.append(c) or weak_parameter(finetuned, delta, c, out=out))
+    monkeypatch.setattr(runtime, "_workspace_fits", lambda model, nbytes: True)  # as on a GPU with room
+    monkeypatch.setattr(pair, "workspace", None)  # made here, dropped after
     styled = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(pair.finetuned, tiny_files["lora"], 0.5)[0]
     weak = nodes.weak_model.WeakModelInterpolator.execute(pair, **SCHEDULES["constant"][0]).args[0]
     conds = setup["conds"]

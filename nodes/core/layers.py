@@ -1,0 +1,424 @@
+"""The per-layer machinery of a sampling run: how each changed module gives the weak rows their weights.
+
+The runtime (``runtime.py``) tells a ``RowState`` which rows of the current forward
+belong to the weak model: none, all of them (a weak evaluation in a forward of its
+own), or chunks of the model's batch (the weak null evaluation batched with the
+fine-tuned ones, as CFG batches cond and uncond). Each changed module has a handler:
+
+- ``Correction`` (any layer kind, however ComfyUI holds its weights): a forward hook
+  adds ``(omega - 1) * F(x; delta)`` to the weak rows of the layer's output.
+- ``WeakWeights`` (a layer that computes with its own parameters): the layer runs its
+  weak rows with weak parameters theta_ft + (omega - 1) * delta, formed once per
+  omega in a workspace or just in time in a scratch buffer.
+- ``Swap`` (an inline parameter, or any parameter of a module that is not a layer kind;
+  weak forwards of their own only): the owner runs with the weak value.
+- ``RowMixing`` (a module whose inside does not keep rows apart): it runs its weak
+  rows in a call of their own, in which every row is weak for the handlers inside.
+- ``WeightFunction`` (a comfy.ops layer whose weights ComfyUI reads without calling it,
+  or streams; weak forwards of their own only): ComfyUI's own ``weight_function``
+  adds (omega - 1) * delta to the weight it delivers.
+
+A layer that sees another number of rows than the model's batch cannot be guided row
+by row (``RowLayoutChanged``): the runtime then moves the weak evaluation to a forward
+of its own, never guesses. After the first forward with weak rows it checks that every
+handler that relies on its module being called was called, or that ComfyUI did not
+read the module's weights some other way (``ReadWatch``).
+Everything here exists only during a run: ``remove`` undoes it, and weights are never
+written.
+"""
+
+from __future__ import annotations
+
+import logging
+import torch
+
+from ...guidance import DenseDelta, GuidanceInputError, LayerDelta, prepare_correction, weak_parameter
+from . import host
+
+log = logging.getLogger(__name__)
+
+ALL = "all rows"  # every row of the current call is weak
+Rows = None | str | list[slice]
+
+
+class RowLayoutChanged(Exception):
+    """A layer saw another number of rows than the model's batch: its rows cannot be told apart by position."""
+
+    def __init__(self, handler: Handler, rows_seen: int, batch: int):
+        super().__init__(f"{handler.path} ({type(handler.module).__name__}) saw {rows_seen} rows in a forward of {batch}")
+        self.path = handler.path
+
+
+class RowState:
+    """Which rows of the current forward are weak, with what coefficient (omega - 1), and what ran."""
+
+    def __init__(self):
+        self.rows: Rows = None
+        self.batch = 0
+        self.coefficient: float | torch.Tensor = 0.0  # one value, or one per latent row (PG Sweep)
+        self.ran: set[int] = set()
+
+    @property
+    def inactive(self) -> bool:
+        """No weak rows, or omega = 1 for all of them: the weak model is the fine-tuned one."""
+        return self.rows is None or (not isinstance(self.coefficient, torch.Tensor) and self.coefficient == 0.0)
+
+    def weak_rows(self, handler: Handler, rows_seen: int) -> Rows:
+        """The weak rows of a call of ``handler``'s module that sees ``rows_seen`` rows."""
+        if self.rows is None:
+            return None
+        self.ran.add(id(handler))
+        if self.rows is ALL:
+            return ALL
+        if rows_seen != self.batch:
+            raise RowLayoutChanged(handler, rows_seen, self.batch)
+        return self.rows
+
+    def coefficient_for(self, rows: int):
+        """The coefficient for ``rows`` consecutive weak rows (per-row values repeat for every weak chunk)."""
+        c = self.coefficient
+        if isinstance(c, torch.Tensor) and c.shape[0] != rows:
+            if rows % c.shape[0]:
+                raise GuidanceInputError("Personalization guidance: per-row omega values do not match the batch.")
+            c = c.repeat(rows // c.shape[0])
+        return c
+
+
+def _chunks(rows: Rows, size: int) -> list[slice]:
+    return [slice(0, size)] if rows is ALL else rows
+
+
+def _segments(weak: list[slice], size: int) -> list[tuple[slice, bool]]:
+    """``range(size)`` cut into consecutive chunks, each marked weak or not."""
+    out, at = [], 0
+    for chunk in sorted(weak, key=lambda c: c.start):
+        if chunk.start > at:
+            out.append((slice(at, chunk.start), False))
+        out.append((chunk, True))
+        at = chunk.stop
+    if at < size:
+        out.append((slice(at, size), False))
+    return out
+
+
+def _first_tensor(args, kwargs) -> torch.Tensor | None:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return value
+    return None
+
+
+class Handler:
+    """One changed module's part in a run. ``install`` before the first weak forward, ``remove`` in ``finally``."""
+
+    relies_on_call = True  # works only when ComfyUI calls the module (checked after each weak forward)
+    row_capable = True  # can give chunks of rows their weights (else: weak forwards of their own only)
+    per_row_omega = True  # can give each weak row its own omega (PG Sweep's batched rows)
+
+    def __init__(self, path: str, module: torch.nn.Module, state: RowState):
+        self.path, self.module, self.state = path, module, state
+        self.handles: list = []
+
+    def install(self) -> None:
+        raise NotImplementedError
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def begin_forward(self) -> None:
+        """A forward with weak rows starts (``state.rows`` is set)."""
+
+    def end_forward(self) -> None:
+        """That forward ended, or failed."""
+
+
+class Correction(Handler):
+    """(omega - 1) * F(x; delta) added to the weak rows of a layer's output: exact however ComfyUI holds the weights."""
+
+    def __init__(self, path, module, state, deltas: list[LayerDelta]):
+        super().__init__(path, module, state)
+        self.deltas = deltas
+        self.prepared: list = []  # once per run, on the device and in the dtype the layer outputs
+
+    def install(self) -> None:
+        self.handles.append(self.module.register_forward_hook(self._hook, with_kwargs=True))
+
+    def remove(self) -> None:
+        super().remove()
+        self.prepared.clear()
+
+    def _hook(self, module, args, kwargs, out):
+        if self.state.inactive:
+            return None
+        x = _first_tensor(args, kwargs)
+        rows = self.state.weak_rows(self, x.shape[0])
+        if not self.prepared:
+            self.prepared.extend(prepare_correction(module, d, out.device, out.dtype) for d in self.deltas)
+        if out.requires_grad:
+            out = out.clone()
+        for chunk in _chunks(rows, x.shape[0]):
+            coefficient = self.state.coefficient_for(chunk.stop - chunk.start)
+            for correction in self.prepared:
+                correction.add(x, out, chunk, coefficient)
+        return out
+
+
+class Scratch:
+    """Just in time: room for one layer's weak parameters at a time, per device and dtype."""
+
+    def __init__(self, size: int = 0):
+        self.size = size  # elements: set once the run knows its largest layer
+        self.buffers: dict[tuple, torch.Tensor] = {}
+
+    def take(self, device, dtype) -> torch.Tensor:
+        buffer = self.buffers.get((device, dtype))
+        if buffer is None:
+            buffer = self.buffers[(device, dtype)] = torch.empty(self.size, device=device, dtype=dtype)
+        return buffer
+
+    def clear(self) -> None:
+        self.buffers.clear()
+
+
+class WeakWeights(Handler):
+    """The layer's own forward, run on the fine-tuned rows as they are and on the weak rows with weak parameters.
+
+    ``slots``: the workspace's tensors for this layer (formed once per omega), or None to form them just in
+    time in ``scratch``, in the dtype the layer computes in (a layer that casts its weights to the input's dtype
+    gets them in that dtype: exact, and nothing to cast).
+    """
+
+    per_row_omega = False
+
+    def __init__(self, path, module, state, delta: DenseDelta, slots: dict[str, torch.Tensor] | None, scratch: Scratch):
+        super().__init__(path, module, state)
+        self.delta, self.slots, self.scratch = delta, slots, scratch
+        self.names = list(delta.params)
+
+    def install(self) -> None:
+        own = type(self.module).forward.__get__(self.module)
+        params = self.module._parameters
+
+        def forward(x, *args, **kwargs):
+            if self.state.inactive:
+                return own(x, *args, **kwargs)
+            rows = self.state.weak_rows(self, x.shape[0])
+            if isinstance(self.state.coefficient, torch.Tensor):
+                raise GuidanceInputError(f"Personalization guidance: {self.path} cannot take one omega per row.")
+            weak = _segments(_chunks(rows, x.shape[0]), x.shape[0])
+            outs = []
+            for chunk, is_weak in weak:
+                if not is_weak:
+                    outs.append(own(x[chunk], *args, **kwargs))
+                    continue
+                saved = {name: params[name] for name in self.names}
+                params.update(self.weak_parameters(x))
+                try:
+                    outs.append(own(x[chunk], *args, **kwargs))
+                finally:
+                    params.update(saved)
+            return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+        self.module.forward = forward
+
+    def remove(self) -> None:
+        self.module.__dict__.pop("forward", None)
+
+    @torch.no_grad()
+    def weak_parameters(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.slots is not None:
+            return self.slots
+        params = self.module._parameters
+        like = params[self.names[0]]
+        dtype = x.dtype if host.casts_weights(self.module) and x.is_floating_point() else like.dtype
+        buffer = self.scratch.take(x.device, dtype)
+        out, at = {}, 0
+        for name in self.names:
+            param = params[name]
+            slot = buffer[at:at + param.numel()].view(param.shape)
+            out[name] = weak_parameter(param, self.delta.params[name], self.state.coefficient, out=slot)
+            at += param.numel()
+        return out
+
+
+class Swap(Handler):
+    """Parameters whose use is not known row by row (inline parameters, or a module that is no layer kind): in a
+    forward where every row is weak, the module holds weak values for the whole forward, however it reads them.
+    Inside a row-mixing module, for that module's weak call (``RowMixing``)."""
+
+    row_capable = False
+    per_row_omega = False
+    relies_on_call = False
+
+    def __init__(self, path, module, state, deltas: dict[str, torch.Tensor]):
+        super().__init__(path, module, state)
+        self.deltas = deltas
+        self.saved: dict[str, torch.Tensor] | None = None
+        self.in_row_mixing = False  # then its RowMixing activates it, for the weak call only
+
+    def install(self) -> None:
+        pass
+
+    def remove(self) -> None:
+        self.deactivate()
+
+    def begin_forward(self) -> None:
+        if self.state.rows is ALL and not self.in_row_mixing:
+            self.activate()
+
+    def end_forward(self) -> None:
+        self.deactivate()
+
+    @torch.no_grad()
+    def activate(self) -> None:
+        if self.saved is not None or self.state.inactive:
+            return
+        if isinstance(self.state.coefficient, torch.Tensor):
+            raise GuidanceInputError(f"Personalization guidance: {self.path} cannot take one omega per row.")
+        module = self.module
+        tensors = {**module._parameters, **module._buffers}
+        self.saved = {name: tensors[name] for name in self.deltas}
+        for name, delta in self.deltas.items():
+            _set(module, name, weak_parameter(tensors[name], delta, self.state.coefficient))
+        self.state.ran.add(id(self))
+
+    def deactivate(self) -> None:
+        if self.saved is not None:
+            for name, tensor in self.saved.items():
+                _set(self.module, name, tensor)
+            self.saved = None
+
+
+def _set(module: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Put ``tensor`` in the module's parameter or buffer ``name`` without nn.Module's type checks."""
+    (module._parameters if name in module._parameters else module._buffers)[name] = tensor
+
+
+class RowMixing(Handler):
+    """A module whose inside routes tokens between rows (mixture of experts): its weak rows run in a call of their
+    own, in which every row is weak for the handlers inside it, and its fine-tuned rows in another."""
+
+    def __init__(self, path, module, state, inner: list[Handler]):
+        super().__init__(path, module, state)
+        self.swaps = [h for h in inner if isinstance(h, Swap)]
+        for swap in self.swaps:
+            swap.in_row_mixing = True
+
+    def install(self) -> None:
+        own = type(self.module).forward.__get__(self.module)
+        state = self.state
+
+        def forward(x, *args, **kwargs):
+            if state.inactive:
+                return own(x, *args, **kwargs)
+            rows = state.weak_rows(self, x.shape[0])
+            weak = _segments(_chunks(rows, x.shape[0]), x.shape[0])
+            outs, saved = [], (state.rows, state.batch)
+            try:
+                for chunk, is_weak in weak:
+                    state.rows, state.batch = (ALL if is_weak else None), chunk.stop - chunk.start
+                    if is_weak:
+                        for swap in self.swaps:
+                            swap.activate()
+                    try:
+                        outs.append(own(x[chunk], *args, **kwargs))
+                    finally:
+                        for swap in self.swaps:
+                            swap.deactivate()
+            finally:
+                state.rows, state.batch = saved
+            return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+        self.module.forward = forward
+
+    def remove(self) -> None:
+        self.module.__dict__.pop("forward", None)
+
+
+class WeightFunction(Handler):
+    """ComfyUI's ``weight_function`` adds (omega - 1) * delta to the weight ``cast_bias_weight`` delivers, in weak
+    forwards of their own: exact however ComfyUI holds or reads the weights (fused kernels, dynamic VRAM)."""
+
+    row_capable = False
+    per_row_omega = False
+    relies_on_call = False
+
+    def __init__(self, path, module, state, delta: DenseDelta):
+        super().__init__(path, module, state)
+        self.delta = delta
+        self.saved: dict | None = None
+
+    def install(self) -> None:
+        pass
+
+    def begin_forward(self) -> None:
+        if self.state.inactive:
+            return
+        if self.state.rows is not ALL:
+            raise GuidanceInputError(f"Personalization guidance: {self.path} can only be guided in a weak forward of "
+                                     "its own.")
+        coefficient = self.state.coefficient
+
+        def add(delta):
+            def function(weight):
+                self.state.ran.add(id(self))
+                return torch.add(weight, delta.to(device=weight.device, dtype=weight.dtype), alpha=coefficient)
+            return function
+
+        self.saved = host.with_weight_functions(self.module, {name: [add(d)] for name, d in self.delta.params.items()})
+
+    def end_forward(self) -> None:
+        if self.saved is not None:
+            host.restore_attributes(self.module, self.saved)
+            self.saved = None
+
+    def remove(self) -> None:
+        self.end_forward()
+
+
+class ReadWatch:
+    """For one forward: which comfy.ops layers had their weights read through ``cast_bias_weight`` outside their own
+    call (a fused kernel that reads the weights and skips the layer), found with a pass-through ``weight_function``.
+    """
+
+    def __init__(self, layers: dict[str, torch.nn.Module]):
+        self.layers = {path: layer for path, layer in layers.items() if host.casts_through_comfy(layer)}
+        self.inside: set[str] = set()
+        self.outside: set[str] = set()
+        self.saved: dict[str, dict] = {}
+        self.handles: list = []
+
+    def __enter__(self) -> ReadWatch:
+        for path, layer in self.layers.items():
+            def seen(weight, path=path):
+                if path not in self.inside:
+                    self.outside.add(path)
+                return weight
+            self.saved[path] = host.with_weight_functions(layer, {"weight": [seen]})
+            self.handles.append(layer.register_forward_pre_hook(lambda m, a, path=path: self.inside.add(path)))
+            self.handles.append(layer.register_forward_hook(lambda m, a, o, path=path: self.inside.discard(path),
+                                                            always_call=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for path, saved in self.saved.items():
+            host.restore_attributes(self.layers[path], saved)
+        for handle in self.handles:
+            handle.remove()
+
+
+__all__ = [
+    "ALL",
+    "Correction",
+    "Handler",
+    "ReadWatch",
+    "RowLayoutChanged",
+    "RowMixing",
+    "RowState",
+    "Scratch",
+    "Swap",
+    "WeakWeights",
+    "WeightFunction",
+]
