@@ -347,7 +347,7 @@ def _pair_from_clone(base: comfy.model_patcher.ModelPatcher, finetuned: comfy.mo
     exact dense delta, formed one tensor at a time.
     """
     low_rank: dict[str, list[LayerDelta]] = {}
-    dense_keys = []
+    dense_keys, not_applied = [], []
     for key, patches in finetuned.patches.items():
         base_patches = base.patches.get(key, [])
         if patches[: len(base_patches)] != base_patches:
@@ -360,6 +360,9 @@ def _pair_from_clone(base: comfy.model_patcher.ModelPatcher, finetuned: comfy.mo
             continue
         if not key.startswith(DIFFUSION_PREFIX):
             raise GuidanceInputError(f"The personalization patches {key}, outside the diffusion model.")
+        if not host.patch_applied(finetuned.model, key):
+            not_applied.append(key)  # ComfyUI never applies it: the fine-tuned model runs without it, so does the weak
+            continue
         factors = [_low_rank(p) for p in extra]
         placement = place_parameter(finetuned.model, key)
         shape = getattr(finetuned.model.get_submodule(placement.path), placement.name).shape
@@ -367,6 +370,10 @@ def _pair_from_clone(base: comfy.model_patcher.ModelPatcher, finetuned: comfy.mo
             low_rank[key] = factors
         else:
             dense_keys.append(key)
+    if not_applied:
+        log.warning("Personalization guidance: ComfyUI does not apply the LoRA's patches on %d parameter(s) that their "
+                    "modules use inline (first: %s), so the fine-tuned model samples without them; the weak model "
+                    "leaves them out too.", len(not_applied), not_applied[0])
     if not low_rank and not dense_keys:
         raise GuidanceInputError(
             "The fine-tuned MODEL has no patches beyond the base MODEL: there is nothing to personalize. "

@@ -186,12 +186,12 @@ def _parameter_names(deltas: list[LayerDelta]) -> list[str]:
 
 
 def _plain_layer_delta(pair: FinetunedPair, path: str, deltas: list[LayerDelta]) -> DenseDelta | None:
-    """A dense delta on a layer kind's own parameters, outside any row-mixing module: weak weights can take it."""
+    """A dense delta on a layer kind's own parameters: weak weights can take it."""
     dense = _single_dense(deltas)
     if dense is None:
         return None
-    placements = [pair.placements[f"{path}.{name}"].placement for name in dense.params]
-    return dense if all(p == Placement.LAYER for p in placements) else None
+    places = [pair.placements[f"{path}.{name}"] for name in dense.params]
+    return dense if all(p.kind is not None and not p.reason for p in places) else None
 
 
 class _Reroute(Exception):
