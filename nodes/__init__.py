@@ -5,6 +5,7 @@ from typing_extensions import override
 from comfy_api.latest import ComfyExtension, io
 
 from .guider import PersonalizationGuider
+from .load_diffusion_pair import LoadDiffusionModelPair
 from .load_pair import LoadFinetunedPair, PairFromModels
 from .model_patch import PersonalizationGuidanceModel
 from .presets import LoadPreset, SavePreset
@@ -14,6 +15,7 @@ from .weak_model import WeakModelInterpolator
 
 NODES: list[type[io.ComfyNode]] = [
     LoadFinetunedPair,
+    LoadDiffusionModelPair,
     PairFromModels,
     WeakModelInterpolator,
     PersonalizationGuider,

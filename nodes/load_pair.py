@@ -10,6 +10,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from .core.pairs import load_lora_pair, pair_from_models
+from .inputs import low_rank_inputs, low_rank_spec
 from .sockets import CATEGORY, FinetunedPairSocket
 
 NONE = "none"
@@ -134,6 +135,7 @@ class PairFromModels(io.ComfyNode):
                     tooltip="The personalized MODEL: base_model after a LoRA loader, or a fine-tuned checkpoint of "
                     "the same architecture.",
                 ),
+                *low_rank_inputs(),
             ],
             outputs=[
                 FinetunedPairSocket.Output("pair", tooltip="Base and fine-tuned weights, for the Weak Model Interpolator."),
@@ -142,5 +144,7 @@ class PairFromModels(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, base_model, finetuned_model) -> io.NodeOutput:
-        return io.NodeOutput(pair_from_models(base_model, finetuned_model), finetuned_model)
+    def execute(cls, base_model, finetuned_model, full_delta: str = "exact", rank: int = 128,
+                energy: float = 1.0) -> io.NodeOutput:
+        return io.NodeOutput(pair_from_models(base_model, finetuned_model, low_rank_spec(full_delta, rank, energy)),
+                             finetuned_model)

@@ -1,0 +1,125 @@
+"""Pairs from diffusion-model files (ComfyUI's diffusion_models folder), fp8 weights, and the low-rank option.
+
+The diffusion-model loader loads with ComfyUI's own UNETLoader; pairs it forms sample
+exactly against separately materialized models, with the weights stored in fp8 as well
+(computed in fp32 on the CPU). The low-rank option's error against the exact pair falls
+as the rank grows and vanishes at full rank.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import comfy.samplers
+import comfy.supported_models
+import comfy.utils
+import folder_paths
+
+import reference
+import tiny
+
+STEPS = 3
+LAMBDA = 5.0
+OMEGA = 0.3
+
+
+@pytest.fixture(scope="module")
+def files(comfy_host, tiny_files, tmp_path_factory):
+    """Base and fine-tuned SD1.5-architecture diffusion models (bare UNet keys) and the LoRA, in ComfyUI's folders."""
+    folder = tmp_path_factory.mktemp("diffusion_models")
+    folder_paths.folder_names_and_paths["diffusion_models"] = ([str(folder)], folder_paths.supported_pt_extensions)
+    base, finetuned = tiny_files["unet"]["base"], tiny_files["unet"]["finetuned"]
+    for name, sd in (("tiny_base.safetensors", base), ("tiny_finetune.safetensors", finetuned)):
+        comfy.utils.save_torch_file({k[len("model.diffusion_model."):]: v for k, v in sd.items()}, str(folder / name))
+    return {"base": "tiny_base.safetensors", "finetuned": "tiny_finetune.safetensors", "lora": tiny_files["lora"],
+            "unet": tiny_files["unet"]}
+
+
+def _conds(seed=4):
+    gen = torch.Generator().manual_seed(seed)
+    return {k: (torch.randn(1, 77, 768, generator=gen), None) for k in ("c", "null")}
+
+
+def _sample(nodes, pair, conds, omega=OMEGA):
+    weak = nodes.weak_model.WeakModelInterpolator.execute(pair, "constant", omega, omega, 0.0, 1.0).args[0]
+    guider = nodes.guider.PersonalizationGuider.execute(
+        pair.finetuned, weak, [[conds["c"][0], {}]], [[conds["null"][0], {}]], "two-way (paper)", LAMBDA, 1.0).args[0]
+    latent = torch.zeros(2, 4, 8, 8)
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(1))
+    sigmas = comfy.samplers.calculate_sigmas(pair.finetuned.get_model_object("model_sampling"), "normal", STEPS)
+    with torch.inference_mode():
+        return guider.sample(noise, latent, comfy.samplers.sampler_object("euler"), sigmas, seed=0)
+
+
+def _hand(ft, weak, conds):
+    guider = reference.HandGuider(comfy.supported_models.SD15, tiny.SD15_UNET, ft, weak, lambda p: OMEGA, conds, LAMBDA)
+    latent = torch.zeros(2, 4, 8, 8)
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(1))
+    sigmas = comfy.samplers.calculate_sigmas(guider.model_patcher.get_model_object("model_sampling"), "normal", STEPS)
+    with torch.inference_mode():
+        return guider.sample(noise, latent, comfy.samplers.sampler_object("euler"), sigmas, seed=0)
+
+
+def _load(nodes, files, personalization, weight_dtype="default", **low_rank):
+    options = {"full_delta": "exact", "rank": 128, "energy": 1.0, **low_rank}
+    return nodes.load_diffusion_pair.LoadDiffusionModelPair.execute(
+        files["base"], weight_dtype, personalization, files["lora"] if personalization == "LoRA" else "none", 0.7,
+        files["finetuned"] if personalization != "LoRA" else "none", **options).args
+
+
+def test_full_and_lora_pairs_from_diffusion_model_files_sample_exactly(comfy_host, files):
+    nodes, conds = comfy_host.nodes, _conds()
+    base, finetuned = files["unet"]["base"], files["unet"]["finetuned"]
+    pair, model = _load(nodes, files, "fine-tuned checkpoint")
+    assert model is pair.finetuned
+    reference.close(_sample(nodes, pair, conds),
+                    _hand(finetuned, lambda o: reference.interpolate(base, finetuned, o), conds))
+
+    lora = comfy.utils.load_torch_file(folder_paths.get_full_path_or_raise("loras", files["lora"]))
+    pair, _ = _load(nodes, files, "LoRA")
+    reference.close(_sample(nodes, pair, conds),
+                    _hand(reference.lora_weights(base, lora, 0.7), lambda o: reference.lora_weights(base, lora, 0.7 * o),
+                          conds))
+
+
+def test_fp8_weights_computed_in_fp32_sample_exactly(comfy_host, files, caplog):
+    """UNETLoader's fp8_e4m3fn: weights stored in fp8, cast to fp32 on every forward (the CPU computes in fp32). The
+    weak rows get weak weights formed in the compute dtype; the reference holds the very fp8 values in fp32."""
+    nodes, conds = comfy_host.nodes, _conds(5)
+    caplog.set_level(logging.INFO)
+    pair, model = _load(nodes, files, "fine-tuned checkpoint", "fp8_e4m3fn")
+    layer = model.model.get_submodule(next(iter(pair.deltas)))
+    assert layer.weight.dtype == torch.float8_e4m3fn and layer.comfy_cast_weights
+    stored = {f"model.{k}": v.float() for k, v in model.model.state_dict().items() if k.startswith("diffusion_model.")}
+    base_model = nodes.load_diffusion_pair.comfy_nodes.UNETLoader().load_unet(files["base"], "fp8_e4m3fn")[0]
+    base = {f"model.{k}": v.float() for k, v in base_model.model.state_dict().items() if k.startswith("diffusion_model.")}
+    ours = _sample(nodes, pair, conds)
+    assert "handlers: WeakWeights x" in caplog.text  # the cast layers take weak weights in fp32, not the correction
+    reference.close(ours, _hand(stored, lambda o: reference.interpolate(base, stored, o), conds))
+
+
+def test_low_rank_error_falls_with_the_rank_and_is_reported(comfy_host, files, caplog):
+    """The relative error of the sampled latent against the exact pair, as a function of the rank (README, low rank).
+    The tiny fine-tune moves every weight by independent noise, the hardest case for a low rank."""
+    nodes, conds = comfy_host.nodes, _conds(6)
+    exact = _sample(nodes, _load(nodes, files, "fine-tuned checkpoint")[0], conds)
+    errors = {}
+    for rank in (4, 32, 128):
+        with caplog.at_level(logging.INFO):
+            caplog.clear()
+            pair, _ = _load(nodes, files, "fine-tuned checkpoint", full_delta="low rank", rank=rank)
+        assert pair.approximation is not None and "low-rank pair" in caplog.text
+        assert f"relative error {pair.approximation.relative_error:.4f}" in caplog.text
+        assert all(d.down.shape[0] <= rank for ds in pair.deltas.values() for d in ds if hasattr(d, "down"))
+        errors[rank] = reference.relative_error(_sample(nodes, pair, conds), exact)
+    assert errors[4] > errors[32] > errors[128] > 0, errors
+    # An energy threshold alone: the fewest singular values holding 90% of each layer's delta.
+    pair, _ = _load(nodes, files, "fine-tuned checkpoint", full_delta="low rank", rank=0, energy=0.9)
+    assert 0.9 <= pair.approximation.kept_energy < 1.0
+    # No cap and all the energy: no factors would be smaller than the delta, so nothing is approximated.
+    pair, _ = _load(nodes, files, "fine-tuned checkpoint", full_delta="low rank", rank=0, energy=1.0)
+    assert pair.approximation is None and torch.equal(_sample(nodes, pair, conds), exact)
+    logging.getLogger(__name__).info("low-rank pair: relative error of the sampled latent by rank %s", errors)
