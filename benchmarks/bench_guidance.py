@@ -10,9 +10,11 @@ asserts nothing.
 
     COMFYUI_PATH=/path/to/ComfyUI python benchmarks/bench_guidance.py            # tiny SD1.5 UNet, 64x64, CPU
     COMFYUI_PATH=/path/to/ComfyUI python benchmarks/bench_guidance.py --full-size  # SD1.5-size UNet, 512x512 (GPU)
+    COMFYUI_PATH=/path/to/ComfyUI python benchmarks/bench_guidance.py --families   # every family, tiny models
 
 Models are random-weight SD1.5-architecture UNets built with ComfyUI's classes
-(tests/host/tiny.py); nothing is downloaded.
+(tests/host/tiny.py), or with ``--families`` the tiny model of every family of
+tests/host/families.py; nothing is downloaded. Real-size figures: bench_real_size.py.
 """
 
 from __future__ import annotations
@@ -122,6 +124,8 @@ def main(argv=None):
     parser.add_argument("--omega", type=float, default=0.5)
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--families", action="store_true",
+                        help="per model family (tiny models): the route and cost of LoRA and full pairs against CFG")
     parser.add_argument("--only", default=None,
                         help="time only the routes whose name contains one of these comma-separated texts (and their baselines)")
     opts = parser.parse_args(argv)
@@ -132,6 +136,8 @@ def main(argv=None):
         torch.set_num_threads(opts.threads)
 
     pack = load_host(cpu=not torch.cuda.is_available())
+    if opts.families:
+        return families_table(pack, opts)
     import comfy.hooks
     import comfy.model_management
     import comfy.samplers
@@ -277,6 +283,72 @@ def main(argv=None):
         ratio = step / statistics.median(times[baseline[name]])
         extra = f"{resident[name] / 2**20:.1f}" if resident[name] else "–"
         print(f"| {name} | {step * 1e3:.1f} | {ratio:.2f}x | {extra} | {added[name] / 2**20:.1f} |")
+
+
+def families_table(pack, opts) -> None:
+    """For every family: the route each pair kind takes, and its time per step against CFG on the same model."""
+    import logging
+
+    import torch
+
+    import comfy.model_management
+    import comfy.samplers
+    import comfy.sd
+
+    import families
+
+    routes: list[str] = []
+
+    class Route(logging.Handler):
+        def emit(self, record):
+            text = record.getMessage()
+            if "the weak evaluation runs in" in text:
+                routes.append(text.split("runs in ")[1].split(";")[0].split(" (")[0])
+
+    logging.getLogger(pack.__name__).addHandler(Route())
+    logging.getLogger(pack.__name__).setLevel(logging.INFO)
+    nodes = pack.nodes
+    print(f"tiny models (tests/host/families.py), CPU, torch threads {torch.get_num_threads()}, latent batch 1, "
+          f"euler, {opts.steps} steps, lambda {opts.lam}, constant omega {opts.omega}, median of {opts.repeats}")
+    print()
+    print("| family | parameters | LoRA pair: route | ratio to CFG | full pair: route | ratio to CFG |")
+    print("| --- | ---: | --- | ---: | --- | ---: |")
+    for name, family in families.FAMILIES.items():
+        base = family.build(seed=1)
+        full = family.build(seed=1)
+        families.fine_tune(full, seed=2)
+        lora_model = comfy.sd.load_lora_for_models(base, None, families.lora_for(base, seed=3), 1.0, 0.0)[0]
+        positive, null = family.cond(12, 10), family.cond(7, 11)
+        latent = torch.zeros(family.latent_shape(1))
+        noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(5))
+        sigmas = comfy.samplers.calculate_sigmas(base.get_model_object("model_sampling"), "simple", opts.steps)
+        row = [name, f"{sum(p.numel() for p in base.model.diffusion_model.parameters()) / 1e6:.1f}M"]
+        for ft in (lora_model, full):
+            pair = nodes.load_pair.PairFromModels.execute(base, ft).args[0]
+            weak = nodes.weak_model.WeakModelInterpolator.execute(pair, "constant", opts.omega, opts.omega, 0.0, 1.0).args[0]
+
+            def cfg():
+                guider = comfy.samplers.CFGGuider(ft)
+                guider.set_conds(positive, null)
+                guider.set_cfg(opts.lam)
+                return guider
+
+            def pg():
+                return nodes.guider.PersonalizationGuider.execute(ft, weak, positive, null, "two-way (paper)", opts.lam,
+                                                                  1.0).args[0]
+
+            times = {"cfg": [], "pg": []}
+            for repeat in range(opts.repeats + 1):
+                for key, make in (("cfg", cfg), ("pg", pg)):
+                    timer = StepTimer(torch, torch.device("cpu"))
+                    with torch.inference_mode():
+                        make().sample(noise, latent, comfy.samplers.sampler_object("euler"), sigmas,
+                                      callback=timer.callback, seed=0, disable_pbar=True)
+                    if repeat:
+                        times[key].append(timer.per_step)
+            row += [routes[-1], f"{statistics.median(times['pg']) / statistics.median(times['cfg']):.2f}x"]
+            comfy.model_management.unload_all_models()
+        print("| " + " | ".join(row) + " |")
 
 
 if __name__ == "__main__":

@@ -87,27 +87,41 @@ def check_same_architecture(base: Mapping[str, tuple], finetuned: Mapping[str, t
 
 
 _PROMOTES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Elements formed at a time: 4 MiB of fp32, small enough to stay in the CPU's cache between the passes.
+_CHUNK = 1 << 20
 
 
 def tensor_delta(name: str, base: Tensor, finetuned: Tensor, dtype: torch.dtype = torch.float32) -> Tensor | None:
     """finetuned - base for one tensor: formed in fp32, stored as ``dtype``; None where it is exactly zero.
 
-    One pass: a single fp32 tensor is allocated (plus the stored copy when ``dtype`` is
-    narrower), and one reduction finds NaN or Inf (in either input, or from an overflow)
-    and an all-zero delta at once. The error names the tensor and which side is not finite.
+    Formed a chunk at a time in one small fp32 buffer and written once in ``dtype``, so
+    that forming a whole model's delta never holds more than that delta and one tensor in
+    fp32, and each element is read and written once. One reduction per chunk finds NaN or
+    Inf (in either input, or from an overflow) and an all-zero delta at once; the error
+    names the tensor and which side is not finite.
     """
-    delta = finetuned.to(device=base.device, dtype=torch.float32, copy=True)
-    delta.sub_(base if base.dtype in _PROMOTES else base.to(torch.float32))  # fp8 takes no part in type promotion
-    peak = float(torch.linalg.vector_norm(delta, float("inf")))  # NaN if any NaN, inf if any inf
-    if not math.isfinite(peak):
-        if not bool(torch.isfinite(base).all()):
-            raise GuidanceInputError(f"The base model holds NaN or Inf in {name}.")
-        if not bool(torch.isfinite(finetuned).all()):
-            raise GuidanceInputError(f"The fine-tuned model holds NaN or Inf in {name}.")
-        raise GuidanceInputError(f"The weight delta (fine-tuned minus base) of {name} overflows to Inf.")
-    if peak == 0.0:
-        return None
-    return delta if dtype == torch.float32 else delta.to(dtype)
+    out = torch.empty(base.shape, dtype=dtype, device=base.device)
+    flat_out, flat_base, flat_ft = out.view(-1), base.reshape(-1), finetuned.reshape(-1)
+    wide = dtype == torch.float32
+    buffer = None if wide else torch.empty(min(_CHUNK, out.numel()), dtype=torch.float32, device=base.device)
+    peak = 0.0
+    for start in range(0, out.numel(), _CHUNK):
+        part = slice(start, min(start + _CHUNK, out.numel()))
+        work = flat_out[part] if wide else buffer[: part.stop - part.start]
+        work.copy_(flat_ft[part])
+        theirs = flat_base[part]
+        work.sub_(theirs if theirs.dtype in _PROMOTES else theirs.to(torch.float32))  # fp8 takes no part in promotion
+        largest = float(torch.linalg.vector_norm(work, float("inf")))  # NaN if any NaN, inf if any inf
+        if not math.isfinite(largest):
+            if not bool(torch.isfinite(base).all()):
+                raise GuidanceInputError(f"The base model holds NaN or Inf in {name}.")
+            if not bool(torch.isfinite(finetuned).all()):
+                raise GuidanceInputError(f"The fine-tuned model holds NaN or Inf in {name}.")
+            raise GuidanceInputError(f"The weight delta (fine-tuned minus base) of {name} overflows to Inf.")
+        peak = max(peak, largest)
+        if not wide:
+            flat_out[part].copy_(work)
+    return out if peak > 0.0 else None
 
 
 def weight_delta(base: Mapping[str, Tensor], finetuned: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -27,7 +27,9 @@ from guidance import (
     check_finite,
     check_layer,
     check_same_architecture,
+    low_rank_factors,
     prepare_correction,
+    tensor_delta,
     unet_state_dict,
     weak_parameter,
     weight_delta,
@@ -657,3 +659,67 @@ def test_error_messages_are_plain_sentences():
     with pytest.raises(GuidanceInputError) as err:
         check_layer("mid.attn", nn.ConvTranspose1d(2, 2, 1), DenseDelta())
     assert re.search(r"mid\.attn .*\.$", str(err.value))
+
+
+# ---------------------------------------------------------------------------- tensor_delta (streaming formation)
+
+
+@pytest.mark.parametrize("stored", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("inputs", [torch.float32, torch.float16, torch.float8_e4m3fn])
+def test_tensor_delta_is_formed_in_fp32_and_stored_once(stored, inputs, monkeypatch):
+    """Chunks of a long tensor each formed in fp32 (the difference of two fp16 values is exact there) and rounded once."""
+    import guidance.deltas as deltas
+
+    monkeypatch.setattr(deltas, "_CHUNK", 7)  # many chunks, the last one short
+    g = gen(3)
+    base = randn(g, 5, 9).to(inputs)
+    ft = (base.float() + 0.1 * randn(g, 5, 9)).to(inputs)
+    got = deltas.tensor_delta("w", base, ft, stored)
+    assert got.dtype == stored and got.shape == base.shape
+    torch.testing.assert_close(got, (ft.float() - base.float()).to(stored), rtol=0, atol=0)
+
+
+def test_tensor_delta_of_an_unchanged_tensor_is_none():
+    t = torch.arange(12.0).reshape(3, 4)
+    assert tensor_delta("w", t, t.clone(), torch.float16) is None
+
+
+@pytest.mark.parametrize("side", ["base", "fine-tuned"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_tensor_delta_names_the_tensor_and_the_side_that_is_not_finite(side, bad):
+    base, ft = torch.zeros(4, 3), torch.ones(4, 3)
+    (base if side == "base" else ft)[2, 1] = bad
+    with pytest.raises(GuidanceInputError, match=f"The {side} model holds NaN or Inf in blocks.3.proj.weight"):
+        tensor_delta("blocks.3.proj.weight", base, ft, torch.float16)
+
+
+def test_tensor_delta_overflow_is_an_error():
+    base = torch.full((2,), -3e38)
+    with pytest.raises(GuidanceInputError, match="overflows"):
+        tensor_delta("w", base, -base)
+
+
+# ---------------------------------------------------------------------------- low_rank_factors
+
+
+def test_low_rank_factors_are_the_truncated_svd():
+    g = gen(5)
+    delta = randn(g, 12, 4) @ randn(g, 4, 20)  # rank 4
+    exact = low_rank_factors(delta, rank=4, energy=1.0)
+    assert exact.down.shape == (4, 20) and exact.up.shape == (12, 4, *()) and exact.kept == pytest.approx(1.0)
+    torch.testing.assert_close(exact.up.flatten(1) @ exact.down.flatten(1), delta, rtol=1e-4, atol=1e-4)
+    two = low_rank_factors(delta, rank=2, energy=1.0)
+    s = torch.linalg.svdvals(delta).double()
+    assert two.kept == pytest.approx(float((s[:2] ** 2).sum() / (s**2).sum()), rel=1e-6)
+    error = torch.linalg.norm(delta - two.up.flatten(1) @ two.down.flatten(1))
+    assert float(error) == pytest.approx(float((s[2:] ** 2).sum().sqrt()), rel=1e-4)  # Eckart-Young
+
+
+def test_low_rank_factors_energy_threshold_and_conv_shapes():
+    g = gen(6)
+    delta = randn(g, 8, 3, 3, 3)  # a conv weight delta: out 8, in 3 x 3 x 3
+    lr = low_rank_factors(delta, rank=0, energy=0.5)
+    s2 = torch.linalg.svdvals(delta.reshape(8, -1)).double() ** 2
+    fewest = int((torch.cumsum(s2, 0) / s2.sum() < 0.5).sum()) + 1
+    assert lr.down.shape == (fewest, 3, 3, 3) and lr.up.shape == (8, fewest, 1, 1) and lr.kept >= 0.5
+    assert low_rank_factors(delta, rank=0, energy=1.0) is None  # all 8 singular values: no smaller than the delta

@@ -245,3 +245,63 @@ def test_is_flat_means_one_omega_inside_the_interval(s):
 def test_not_constant(schedule):
     assert not schedule.is_constant
     assert len({omega_at(schedule, i / 64) for i in range(65)}) > 1
+
+
+# ---------------------------------------------------------------------------- omega_at_sigma: the interval on sigma
+
+
+def _discrete_percent_to_sigma():
+    """ComfyUI's ModelSamplingDiscrete.percent_to_sigma for SD1.5's schedule, written out: float32 sigmas of a
+    scaled-linear beta schedule, interpolated in log sigma at the fractional timestep (1 - p) * 999."""
+    import torch
+
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    alphas = torch.cumprod(1.0 - betas, 0)
+    log_sigmas = (((1 - alphas) / alphas) ** 0.5).log().float()
+
+    def percent_to_sigma(p):
+        if p <= 0.0:
+            return 999999999.9
+        if p >= 1.0:
+            return 0.0
+        t = torch.tensor((1.0 - p) * 999.0)
+        low, high = t.floor().long(), t.ceil().long().clamp(max=999)
+        w = t.frac()
+        return float(((1 - w) * log_sigmas[low] + w * log_sigmas[high]).exp())
+
+    return percent_to_sigma
+
+
+def test_a_step_exactly_on_either_end_of_the_interval_is_inside():
+    """ComfyUI's timestep ranges count sigma == percent_to_sigma(start) and == percent_to_sigma(end) as inside;
+    the progress of such a sigma, inverted in float32, can land just below the start (0.4999999847 for 0.5)."""
+    from guidance import omega_at_sigma, progress_of_sigma
+
+    to_sigma = _discrete_percent_to_sigma()
+    schedule = OmegaSchedule(OmegaShape.LINEAR, 0.2, 0.6, 0.5, 0.8)
+    start, end = to_sigma(0.5), to_sigma(0.8)
+    assert omega_at_sigma(schedule, start, to_sigma) == pytest.approx(0.2, abs=1e-6)
+    assert omega_at_sigma(schedule, end, to_sigma) == pytest.approx(0.6, abs=1e-6)
+    # Just outside either end, in float32 sigma steps: plain CFG.
+    import numpy as np
+
+    assert omega_at_sigma(schedule, float(np.nextafter(np.float32(start), np.float32(1e9))), to_sigma) == 1.0
+    assert omega_at_sigma(schedule, float(np.nextafter(np.float32(end), np.float32(0))), to_sigma) == 1.0
+    # Deciding on progress instead would get the start wrong wherever the plateau puts it below 0.5.
+    p = progress_of_sigma(to_sigma, start)
+    assert to_sigma(p) == start and abs(p - 0.5) < 1e-6
+
+
+@FAST
+@given(schedule=schedules(), p=unit)
+def test_omega_at_sigma_agrees_with_omega_at_away_from_the_ends(schedule, p):
+    """Inside the interval, and outside it, the sigma decision is the progress decision, for a strictly
+    decreasing percent_to_sigma without float32 plateaus."""
+    from guidance import omega_at_sigma
+
+    def to_sigma(q):
+        return 10.0 * (1.0 - q) + 1e-3
+
+    assume(abs(p - schedule.p_start) > 1e-9 and abs(p - schedule.p_end) > 1e-9)
+    got = omega_at_sigma(schedule, to_sigma(p), to_sigma)
+    assert got == pytest.approx(omega_at(schedule, p), abs=1e-6)

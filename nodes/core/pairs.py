@@ -265,13 +265,14 @@ def pair_from_models(base: comfy.model_patcher.ModelPatcher, finetuned: comfy.mo
     size = torch.empty((), dtype=stored).element_size()
     approximated = [0, 0.0, 0.0, 0]  # layers, squared norm of the deltas, squared norm of the errors, bytes saved
     for key in keys:
-        d = _delta(key, base_weights[key], ft_weights[key])
+        approximate = low_rank is not None and key in low_rankable
+        d = _delta(key, base_weights[key], ft_weights[key], torch.float32 if approximate else stored)
         if d is None:
             continue
-        if low_rank is not None and key in low_rankable:
+        if approximate:
             lr = low_rank_factors(d, low_rank.rank, low_rank.energy)
             if lr is not None:
-                norm2 = float(d.double().square().sum())
+                norm2 = float(torch.linalg.vector_norm(d)) ** 2
                 approximated[0] += 1
                 approximated[1] += norm2
                 approximated[2] += norm2 * max(0.0, 1.0 - lr.kept)
@@ -279,7 +280,7 @@ def pair_from_models(base: comfy.model_patcher.ModelPatcher, finetuned: comfy.mo
                 approximated[3] += (d.numel() - lr.up.numel() - lr.down.numel()) * size
                 factors[key] = [lr]
                 continue
-        dense[key] = d if d.dtype == stored else d.to(stored)
+        dense[key] = d if d.dtype == stored else d.to(stored)  # an approximation that would not be smaller
     del base_weights, ft_weights
     changed = {k: placements[k] for k in (*dense, *factors)}
     if not changed:
@@ -304,16 +305,17 @@ def pair_from_models(base: comfy.model_patcher.ModelPatcher, finetuned: comfy.mo
     return pair
 
 
-def _delta(key: str, base_entry: list, ft_entry: list) -> torch.Tensor | None:
-    """finetuned - base for one key, from the unpatched originals and the patches ``get_key_patches`` lists."""
+def _delta(key: str, base_entry: list, ft_entry: list, dtype: torch.dtype) -> torch.Tensor | None:
+    """finetuned - base for one key, from the unpatched originals and the patches ``get_key_patches`` lists, stored
+    as ``dtype``."""
     (base_weight, base_convert), *base_patches = base_entry
     (ft_weight, ft_convert), *ft_patches = ft_entry
     plain = not base_patches and not ft_patches and not host.is_quantized(base_weight) and not host.is_quantized(ft_weight)
     if plain:
         # The common case: no patches, no conversion (a convert function only exists with patches to apply).
-        return tensor_delta(key, base_weight.detach().cpu(), ft_weight.detach())
+        return tensor_delta(key, base_weight.detach().cpu(), ft_weight.detach(), dtype)
     base_eff = _effective(base_weight, base_convert, base_patches, key)
-    return tensor_delta(key, base_eff, _effective(ft_weight, ft_convert, ft_patches, key))
+    return tensor_delta(key, base_eff, _effective(ft_weight, ft_convert, ft_patches, key), dtype)
 
 
 def _collect(model: comfy.model_patcher.ModelPatcher, dense: dict[str, torch.Tensor],
@@ -346,6 +348,13 @@ def _pair_from_clone(base: comfy.model_patcher.ModelPatcher, finetuned: comfy.mo
     (LoHa, LoKr, DoRA, LoCon with a mid weight, a ``.diff`` on a norm, …) becomes an
     exact dense delta, formed one tensor at a time.
     """
+    if host.bypass_injections(finetuned) is not None and host.bypass_injections(base) is None:
+        raise GuidanceInputError(
+            "The fine-tuned MODEL carries its LoRA in bypass mode (Load LoRA (Bypass)), which adds the LoRA's output "
+            "in the forward instead of patching weights: there is no weight delta to read. Load the personalization "
+            "LoRA with Load LoRA (model only) or the pair loaders; LoRAs in bypass mode on top of the fine-tuned "
+            "MODEL are fine."
+        )
     low_rank: dict[str, list[LayerDelta]] = {}
     dense_keys, not_applied = [], []
     for key, patches in finetuned.patches.items():

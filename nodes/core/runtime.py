@@ -218,11 +218,17 @@ class _Run:
         self.watched = False  # the first forward with weak rows of these handlers has been checked
         self.root: torch.nn.Module | None = None
         self.uncalled: set[str] = set()  # modules whose weights ComfyUI may read without calling them
+        self.prefer_own = False  # the weak evaluation in a forward of its own even where rows would do (prepare)
 
     # Choosing handlers, once the model is loaded.
     def prepare(self, root: torch.nn.Module, route: Route | None = None) -> None:
         """Give each changed module its handler and decide the route (module docstring)."""
         self.root = root
+        patcher = getattr(root, "current_patcher", None)
+        # A full fine-tune on weights that ComfyUI streams (dynamic VRAM): ComfyUI's weight function on a forward
+        # of its own costs a pass over the weights; a correction would pass the weak rows through every layer twice.
+        self.prefer_own = route == Route.OWN_FORWARD or self.config.route == Route.OWN_FORWARD or (
+            self.weak_weights and patcher is not None and host.is_dynamic(patcher))
         pair = self.pair
         handlers: list[Handler] = []
         reasons: list[str] = []
@@ -240,7 +246,7 @@ class _Run:
             handlers.append(RowMixing(container, root.get_submodule(container), self.state, inner))
         in_mixing = {id(h) for h in handlers if any(h.path.startswith(c + ".") for c in containers)}
         needs_own = [h for h in handlers if not h.row_capable and id(h) not in in_mixing]
-        route = route or self.config.route or (Route.OWN_FORWARD if needs_own else Route.ROWS)
+        route = route or self.config.route or (Route.OWN_FORWARD if needs_own or self.prefer_own else Route.ROWS)
         if route == Route.ROWS and needs_own:
             raise GuidanceInputError(f"Personalization guidance: {needs_own[0].path} needs a weak forward of its own.")
         if self.config.rows is not None:
@@ -262,21 +268,26 @@ class _Run:
     def _handler(self, path: str, module: torch.nn.Module, deltas: list[LayerDelta], layer: bool) -> Handler:
         """The handler of one changed module (module docstring of ``layers.py``).
 
-        Layer kinds: weak weights for a full fine-tune's layer that computes with its own parameters; the
-        correction for LoRA factors, small deltas and per-row omegas, and wherever ComfyUI casts, streams or
-        patches the weights on the fly; ComfyUI's weight function for a comfy.ops layer whose weights may be read
-        without calling it. Everything else: the module holds weak values through a weak forward of its own.
+        Layer kinds: weak weights for a full fine-tune's layer that computes with its own parameters, and
+        ComfyUI's weight function for one that does not (streamed, patched on the fly) where the weak evaluation
+        has a forward of its own; the correction for LoRA factors, small deltas and per-row omegas, and where
+        ComfyUI patches the weights on the fly in a batched forward. ComfyUI's weight function also serves a
+        comfy.ops layer whose weights may be read without calling it. Everything else: the module holds weak
+        values through a weak forward of its own.
         """
         state = self.state
         dense = _single_dense(deltas)
         uncalled = path in self.uncalled
+        full = dense is not None and self.weak_weights and self.config.rows is None
         if layer and not uncalled:
-            if dense is not None and self.weak_weights and self.config.rows is None and host.computes_with_own_parameters(module):
+            if full and host.computes_with_own_parameters(module):
                 slots = None if self.workspace is None else self.workspace.layers.get(path)
                 if slots is not None and any(module._parameters[n].device != s.device or module._parameters[n].dtype != s.dtype
                                              for n, s in slots.items()):
                     slots = None  # the workspace landed elsewhere (a partial load): form just in time
                 return WeakWeights(path, module, state, dense, slots, self.scratch)
+            if full and self.prefer_own and host.casts_through_comfy(module):
+                return WeightFunction(path, module, state, dense)
             return Correction(path, module, state, deltas)
         if dense is not None and layer and host.casts_through_comfy(module):
             return WeightFunction(path, module, state, dense)

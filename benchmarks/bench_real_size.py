@@ -1,0 +1,321 @@
+"""Real-size figures: forming a full pair in bounded memory, and the per-step cost of guidance, on CPU.
+
+Random-weight UNets of real architecture size (SD1.5: 860M parameters, SDXL: 2.6B),
+stored in fp16 as ComfyUI holds them with ``--fp16-unet`` or UNETLoader's weight dtype
+(computed in fp32 on a CPU). Nothing is downloaded. Every phase runs in a fresh process
+of its own, and memory is its resident set (``/proc/self/status``): the peak of a phase
+is read after resetting the kernel's high-water mark (``/proc/self/clear_refs``).
+
+    COMFYUI_PATH=/path/to/ComfyUI python benchmarks/bench_real_size.py form --arch sd15
+    COMFYUI_PATH=/path/to/ComfyUI python benchmarks/bench_real_size.py form --arch sdxl
+    COMFYUI_PATH=/path/to/ComfyUI python benchmarks/bench_real_size.py sample --arch sd15 --size 256 --steps 5
+
+``form`` prints the time and peak memory of loading the two models with ComfyUI's
+UNETLoader, then of forming the pair from them (exact, and with ``--rank`` low rank),
+with the bound SPEC.md sets: the resident models plus the delta in its stored dtype plus
+one tensor in fp32. ``sample`` prints, per route, the median time per steady step and its
+ratio to plain CFG on the same fine-tuned model (side by side, interleaved), the first
+step's extra time, and the peak memory a run adds. A benchmark, not a test: it asserts
+nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PACK_DIR = Path(__file__).resolve().parents[1]
+GIB = 1024**3
+
+ARCHS = {
+    # SD1.5's UNet as ComfyUI detects it from a real checkpoint.
+    "sd15": ("SD15", {
+        "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+        "adm_in_channels": None, "in_channels": 4, "model_channels": 320, "num_res_blocks": [2, 2, 2, 2],
+        "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1,
+        "use_linear_in_transformer": False, "context_dim": 768, "num_heads": 8,
+        "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+        "use_temporal_resblock": False, "use_temporal_attention": False}, 768, None),
+    # SDXL's UNet as ComfyUI detects it from a real checkpoint.
+    "sdxl": ("SDXL", {
+        "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+        "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4, "model_channels": 320,
+        "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10], "channel_mult": [1, 2, 4],
+        "transformer_depth_middle": 10, "use_linear_in_transformer": True, "context_dim": 2048, "num_head_channels": 64,
+        "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+        "use_temporal_resblock": False, "use_temporal_attention": False}, 2048, 1280),
+}
+
+
+# ---------------------------------------------------------------- memory of this process
+
+
+def _status(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def rss() -> int:
+    return _status("VmRSS")
+
+
+class Peak:
+    """The resident set's peak over a block: the kernel's high-water mark, reset at entry."""
+
+    def __enter__(self):
+        Path("/proc/self/clear_refs").write_text("5")
+        self.start, self.t0 = rss(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.t0
+        self.peak, self.end = _status("VmHWM"), rss()
+
+
+# ---------------------------------------------------------------- the host
+
+
+def load_host(threads: int | None):
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    sys.path.insert(0, os.environ["COMFYUI_PATH"])
+    from comfy.cli_args import args
+
+    args.cpu = True
+    args.fp16_unet = True  # weights held in fp16, computed in fp32 (the CPU): a mixed-dtype model
+    import asyncio
+
+    import utils.extra_config  # noqa: F401
+    import nodes
+
+    asyncio.run(nodes.load_custom_node(str(PACK_DIR)))
+    return sys.modules[str(PACK_DIR).replace(".", "_x_")]
+
+
+def make_files(arch: str, folder: Path) -> dict[str, str]:
+    """Base and fine-tuned diffusion-model files (fp16, random weights) and a rank-16 LoRA, made once per folder."""
+    import torch
+
+    import comfy.supported_models
+    import comfy.utils
+
+    names = {"base": f"{arch}_base.safetensors", "finetuned": f"{arch}_finetuned.safetensors",
+             "lora": f"{arch}_lora.safetensors"}
+    if all((folder / n).exists() for n in names.values()):
+        return names
+    model_class, config, _, _ = ARCHS[arch]
+    model_config = getattr(comfy.supported_models, model_class)(dict(config))
+    model_config.set_inference_dtype(torch.float16, torch.float32)
+    model = model_config.get_model({})
+    gen = torch.Generator().manual_seed(1)
+    base, finetuned, lora = {}, {}, {}
+    with torch.no_grad():
+        for name, p in model.diffusion_model.named_parameters():
+            scale = 1 / math.sqrt(math.prod(p.shape[1:])) if p.dim() > 1 else 0.02
+            value = torch.randn(p.shape, generator=gen) * scale + (1.0 if p.dim() == 1 and name.endswith("weight") else 0.0)
+            base[name] = value.half()
+            finetuned[name] = (value + 0.05 * scale * torch.randn(p.shape, generator=gen)).half()
+            if p.dim() == 2 and (".attn" in name or "proj_" in name or ".ff." in name):
+                key = "lora_unet_" + name[: -len(".weight")].replace(".", "_")
+                lora[key + ".lora_down.weight"] = (torch.randn(16, p.shape[1], generator=gen) / math.sqrt(p.shape[1])).half()
+                lora[key + ".lora_up.weight"] = (torch.randn(p.shape[0], 16, generator=gen) * 0.25).half()
+                lora[key + ".alpha"] = torch.tensor(16.0)
+    for key, sd in (("base", base), ("finetuned", finetuned), ("lora", lora)):
+        comfy.utils.save_torch_file(sd, str(folder / names[key]))
+    return names
+
+
+def _folders(folder: Path):
+    import folder_paths
+
+    folder_paths.folder_names_and_paths["diffusion_models"] = ([str(folder)], folder_paths.supported_pt_extensions)
+    folder_paths.folder_names_and_paths["loras"] = ([str(folder)], folder_paths.supported_pt_extensions)
+
+
+# ---------------------------------------------------------------- phases (each in a process of its own)
+
+
+def phase_load(opts) -> dict:
+    """Stock ComfyUI: load the base and the fine-tuned diffusion model with UNETLoader."""
+    load_host(opts.threads)
+    import nodes
+
+    _folders(Path(opts.folder))
+    names = make_files(opts.arch, Path(opts.folder))
+    with Peak() as peak:
+        models = [nodes.UNETLoader().load_unet(names[k], "default")[0] for k in ("base", "finetuned")]
+    params = sum(p.numel() for p in models[0].model.diffusion_model.parameters())
+    return {"params": params, "seconds": peak.seconds, "peak": peak.peak, "end": peak.end,
+            "dtype": str(next(models[0].model.diffusion_model.parameters()).dtype)}
+
+
+def phase_form(opts) -> dict:
+    """Load both models (as above), then form the pair from them: exact, or low rank with ``--rank``."""
+    pack = load_host(opts.threads)
+    import nodes
+
+    _folders(Path(opts.folder))
+    names = make_files(opts.arch, Path(opts.folder))
+    base, finetuned = (nodes.UNETLoader().load_unet(names[k], "default")[0] for k in ("base", "finetuned"))
+    params = list(finetuned.model.diffusion_model.parameters())
+    largest = max(p.numel() for p in params)
+    spec = pack.nodes.core.pairs.LowRankSpec(rank=opts.rank) if opts.rank else None
+    with Peak() as peak:
+        pair = pack.nodes.core.pairs.pair_from_models(base, finetuned, spec)
+    delta = pair.delta_bytes()
+    return {"params": sum(p.numel() for p in params), "seconds": peak.seconds, "start": peak.start, "peak": peak.peak,
+            "delta": delta, "bound": peak.start + delta + 4 * largest, "rank": opts.rank,
+            "kept": None if pair.approximation is None else pair.approximation.kept_energy}
+
+
+def phase_sample(opts) -> dict:
+    """Per-step time of each route, interleaved, and the peak memory one run of each adds."""
+    pack = load_host(opts.threads)
+    import torch
+
+    import comfy.samplers
+    import nodes
+
+    _folders(Path(opts.folder))
+    names = make_files(opts.arch, Path(opts.folder))
+    _, _, context, pooled = ARCHS[opts.arch]
+    base = nodes.UNETLoader().load_unet(names["base"], "default")[0]
+    full_ft = nodes.UNETLoader().load_unet(names["finetuned"], "default")[0]
+    loader = pack.nodes.load_diffusion_pair.LoadDiffusionModelPair
+    lora_pair = loader.execute(names["base"], "default", "LoRA", names["lora"], 1.0, "none", "exact", 0, 1.0).args[0]
+    full_pair = pack.nodes.core.pairs.pair_from_models(base, full_ft)
+    del base
+    gen = torch.Generator().manual_seed(4)
+
+    def cond():
+        extra = {} if pooled is None else {"pooled_output": torch.randn(1, pooled, generator=gen),
+                                           "width": opts.size, "height": opts.size}
+        return [[torch.randn(1, 77, context, generator=gen), extra]]
+
+    positive, null = cond(), cond()
+
+    def cfg(model):
+        guider = comfy.samplers.CFGGuider(model)
+        guider.set_conds(positive, null)
+        guider.set_cfg(opts.lam)
+        return guider
+
+    def pg(pair, schedule):
+        start, end = (opts.omega, opts.omega) if schedule == "constant" else (0.0, 1.0)
+        weak = pack.nodes.weak_model.WeakModelInterpolator.execute(pair, schedule, start, end, 0.0, 1.0).args[0]
+        return pack.nodes.guider.PersonalizationGuider.execute(pair.finetuned, weak, positive, null, "two-way (paper)",
+                                                               opts.lam, 1.0).args[0]
+
+    routes = {
+        "CFG, LoRA model": lambda: cfg(lora_pair.finetuned),
+        "PG LoRA pair, constant omega": lambda: pg(lora_pair, "constant"),
+        "PG LoRA pair, linear omega": lambda: pg(lora_pair, "linear"),
+        "CFG, full fine-tune": lambda: cfg(full_pair.finetuned),
+        "PG full pair, constant omega": lambda: pg(full_pair, "constant"),
+        "PG full pair, linear omega": lambda: pg(full_pair, "linear"),
+    }
+    latent = torch.zeros(1, 4, opts.size // 8, opts.size // 8)
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(5))
+    sigmas = comfy.samplers.calculate_sigmas(full_ft.get_model_object("model_sampling"), "normal", opts.steps)
+    sampler = comfy.samplers.sampler_object("euler")
+    steps, first, memory = {n: [] for n in routes}, {n: [] for n in routes}, {}
+    for repeat in range(opts.repeats + 1):  # the first round loads and warms up; not counted
+        for name, make in routes.items():
+            guider = make()
+            stamps = [time.perf_counter()]
+            with torch.inference_mode(), Peak() as peak:
+                guider.sample(noise, latent, sampler, sigmas, seed=0, disable_pbar=True,
+                              callback=lambda *a: stamps.append(time.perf_counter()))
+            if repeat:
+                steps[name].append(statistics.median(b - a for a, b in zip(stamps[1:], stamps[2:], strict=False)))
+                first[name].append(stamps[1] - stamps[0])
+                memory[name] = max(memory.get(name, 0), peak.peak - peak.start)
+    return {"params": sum(p.numel() for p in full_ft.model.diffusion_model.parameters()), "threads": torch.get_num_threads(),
+            "routes": {n: {"step": statistics.median(steps[n]), "first": statistics.median(first[n]),
+                           "added": memory[n]} for n in routes}}
+
+
+PHASES = {"load": phase_load, "form": phase_form, "sample": phase_sample}
+
+
+def _child(opts, phase: str, **extra) -> dict:
+    """Run one phase in a fresh process; its result comes back as JSON."""
+    argv = [sys.executable, __file__, "--phase", phase, "--arch", opts.arch, "--folder", opts.folder,
+            "--size", str(opts.size), "--steps", str(opts.steps), "--repeats", str(opts.repeats),
+            "--lam", str(opts.lam), "--omega", str(opts.omega), "--rank", str(extra.get("rank", 0))]
+    if opts.threads:
+        argv += ["--threads", str(opts.threads)]
+    out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def report_form(opts) -> None:
+    load = _child(opts, "load")
+    print(f"{opts.arch}: {load['params'] / 1e6:.1f}M parameters, held in {load['dtype']} (ComfyUI --fp16-unet), CPU")
+    print(f"load both models (stock UNETLoader): {load['seconds']:.1f} s, peak {load['peak'] / GIB:.2f} GiB, "
+          f"then {load['end'] / GIB:.2f} GiB")
+    print()
+    print("| forming | time | time / loading both | peak added | bytes / parameter | SPEC bound (models + delta + one fp32 tensor) |")
+    print("| --- | ---: | ---: | ---: | ---: | --- |")
+    for rank in [0] + ([opts.rank] if opts.rank else []):
+        form = _child(opts, "form", rank=rank)
+        added = form["peak"] - form["start"]
+        what = "exact" if not rank else f"low rank {rank} (keeps {form['kept']:.3f} of the delta's energy)"
+        within = "within" if form["peak"] <= form["bound"] else "OVER"
+        print(f"| {what} | {form['seconds']:.1f} s | {form['seconds'] / load['seconds']:.2f}x | {added / GIB:.2f} GiB | "
+              f"{added / form['params']:.2f} | {within}: peak {form['peak'] / GIB:.2f} GiB, bound {form['bound'] / GIB:.2f} GiB |")
+
+
+def report_sample(opts) -> None:
+    result = _child(opts, "sample")
+    print(f"{opts.arch}: {result['params'] / 1e6:.1f}M parameters, fp16 weights computed in fp32, CPU, "
+          f"{result['threads']} torch threads, {opts.size}x{opts.size}, euler, {opts.steps} steps, lambda {opts.lam}, "
+          f"omega {opts.omega}; median of {opts.repeats} runs (steady steps), interleaved")
+    print()
+    print("| route | s / step | ratio to CFG | first step, extra over CFG's | peak added while sampling |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    routes = result["routes"]
+    for name, r in routes.items():
+        baseline = routes["CFG, LoRA model" if "LoRA" in name else "CFG, full fine-tune"]
+        print(f"| {name} | {r['step']:.2f} | {r['step'] / baseline['step']:.2f}x | "
+              f"{r['first'] - baseline['first']:+.2f} s | {r['added'] / GIB:.2f} GiB |")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", nargs="?", choices=("form", "sample"))
+    parser.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)
+    parser.add_argument("--arch", choices=ARCHS, default="sd15")
+    parser.add_argument("--folder", default=str(Path(tempfile.gettempdir()) / "pg_real_size"),
+                        help="where the random-weight model files are made (once) and read")
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--lam", type=float, default=5.0)
+    parser.add_argument("--omega", type=float, default=0.5)
+    parser.add_argument("--rank", type=int, default=0, help="form: also form a low-rank pair of this rank")
+    parser.add_argument("--threads", type=int, default=None)
+    opts = parser.parse_args(argv)
+    Path(opts.folder).mkdir(parents=True, exist_ok=True)
+    if opts.phase:
+        print(json.dumps(PHASES[opts.phase](opts)))
+    elif opts.command == "form":
+        report_form(opts)
+    else:
+        report_sample(opts)
+
+
+if __name__ == "__main__":
+    main()
