@@ -21,7 +21,6 @@ import comfy.sd
 import comfy.supported_models
 import comfy.utils
 import conftest
-import folder_paths
 
 import reference
 import tiny

@@ -111,7 +111,7 @@ def test_models_with_multigpu_clones_are_refused_before_loading(setup):
     """ComfyUI 0.33's MultiGPU node runs some conds on copies of the model on other GPUs, where the per-layer
     machinery does not reach: refused with a message, before anything loads. The clones are attached as the node
     attaches them (``set_additional_models("multigpu", ...)``); a CPU has no second device to make real ones."""
-    runtime, pair = setup["runtime"], setup["full"]
+    pair = setup["full"]
     model = pair.finetuned.clone()
     clone = pair.finetuned.clone()
     clone.is_multigpu_base_clone = True
