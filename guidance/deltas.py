@@ -279,27 +279,35 @@ def weak_parameter(finetuned: Tensor, delta: Tensor, coefficient: float, out: Te
 
 
 def low_rank_factors(delta: Tensor, rank: int, energy: float) -> LowRankDelta | None:
-    """The truncated SVD of a weight delta (Linear or ConvNd): the best approximation of its rank.
+    """The best approximation of a weight delta (Linear or ConvNd) of its rank: its truncated SVD, as factors.
 
     Keeps the fewest singular values whose squares hold at least ``energy`` of the
-    delta's squared norm, and at most ``rank`` of them (``rank`` 0: no cap). Returns
-    factors with ``scale`` 1 and the kept fraction, or None when the factors would not
-    be smaller than the delta itself (then keep it dense).
+    delta's squared norm, and at most ``rank`` of them (``rank`` 0: no cap). The
+    singular vectors come from the Gram matrix of the delta's shorter side (one matrix
+    product and a symmetric eigendecomposition: a few times faster than an SVD on a CPU),
+    and the factors project the delta onto the kept ones, which is the truncated SVD
+    (Eckart-Young). Returns factors with ``scale`` 1 and the kept fraction, or None when
+    the factors would not be smaller than the delta itself (then keep it dense).
     """
     out_features = delta.shape[0]
     matrix = delta.reshape(out_features, -1).to(torch.float32)
-    cap = min(matrix.shape) if rank <= 0 else min(rank, *matrix.shape)
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    squares = s.double().square()
+    rows, cols = matrix.shape
+    cap = min(rows, cols) if rank <= 0 else min(rank, rows, cols)
+    wide = cols > rows
+    gram = matrix @ matrix.t() if wide else matrix.t() @ matrix
+    squares, vectors = torch.linalg.eigh(gram)  # ascending
+    squares, vectors = squares.flip(0).clamp_min(0).double(), vectors.flip(1)
     total = float(squares.sum())
     cumulative = squares.cumsum(0) / total
     needed = int(torch.searchsorted(cumulative, torch.tensor(min(energy, 1.0), dtype=torch.float64))) + 1
-    r = max(1, min(cap, needed, s.shape[0]))
-    if r * (matrix.shape[0] + matrix.shape[1]) >= matrix.numel():
+    r = max(1, min(cap, needed))
+    if r * (rows + cols) >= matrix.numel():
         return None
-    up = (u[:, :r] * s[:r]).reshape(out_features, r, *[1] * (delta.dim() - 2))
-    down = vh[:r].reshape(r, *delta.shape[1:])
-    return LowRankDelta(up=up.contiguous(), down=down.contiguous(), scale=1.0, kept=float(cumulative[r - 1]))
+    basis = vectors[:, :r]
+    up, down = (basis, basis.t() @ matrix) if wide else (matrix @ basis, basis.t())
+    kept = float(torch.linalg.vector_norm(down if wide else up).double() ** 2 / total)
+    return LowRankDelta(up=up.reshape(out_features, r, *[1] * (delta.dim() - 2)).contiguous(),
+                        down=down.reshape(r, *delta.shape[1:]).contiguous(), scale=1.0, kept=min(kept, 1.0))
 
 
 class LowRankCorrection:
