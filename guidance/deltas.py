@@ -86,7 +86,6 @@ def check_same_architecture(base: Mapping[str, tuple], finetuned: Mapping[str, t
         )
 
 
-_PROMOTES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Elements formed at a time: 4 MiB of fp32, small enough to stay in the CPU's cache between the passes.
 _CHUNK = 1 << 20
 
@@ -94,34 +93,39 @@ _CHUNK = 1 << 20
 def tensor_delta(name: str, base: Tensor, finetuned: Tensor, dtype: torch.dtype = torch.float32) -> Tensor | None:
     """finetuned - base for one tensor: formed in fp32, stored as ``dtype``; None where it is exactly zero.
 
-    Formed a chunk at a time in one small fp32 buffer and written once in ``dtype``, so
+    Formed a chunk at a time in two small fp32 buffers and written once in ``dtype``, so
     that forming a whole model's delta never holds more than that delta and one tensor in
-    fp32, and each element is read and written once. One reduction per chunk finds NaN or
-    Inf (in either input, or from an overflow) and an all-zero delta at once; the error
-    names the tensor and which side is not finite.
+    fp32, and each element is read and written once. One reduction per chunk (its minimum
+    and maximum) finds NaN or Inf, in either input, from an overflow or from a value that
+    ``dtype`` cannot hold, and an all-zero delta; the error names the tensor and the side.
     """
     out = torch.empty(base.shape, dtype=dtype, device=base.device)
     flat_out, flat_base, flat_ft = out.view(-1), base.reshape(-1), finetuned.reshape(-1)
     wide = dtype == torch.float32
-    buffer = None if wide else torch.empty(min(_CHUNK, out.numel()), dtype=torch.float32, device=base.device)
-    peak = 0.0
+    size = min(_CHUNK, out.numel())
+    theirs = torch.empty(size, dtype=torch.float32, device=base.device)
+    mine = None if wide else torch.empty(size, dtype=torch.float32, device=base.device)
+    largest, limit = 0.0, torch.finfo(dtype).max
     for start in range(0, out.numel(), _CHUNK):
         part = slice(start, min(start + _CHUNK, out.numel()))
-        work = flat_out[part] if wide else buffer[: part.stop - part.start]
+        n = part.stop - part.start
+        work = flat_out[part] if wide else mine[:n]
         work.copy_(flat_ft[part])
-        theirs = flat_base[part]
-        work.sub_(theirs if theirs.dtype in _PROMOTES else theirs.to(torch.float32))  # fp8 takes no part in promotion
-        largest = float(torch.linalg.vector_norm(work, float("inf")))  # NaN if any NaN, inf if any inf
-        if not math.isfinite(largest):
+        other = theirs[:n]
+        other.copy_(flat_base[part])  # both sides in fp32 first: mixed-dtype arithmetic is slow on some CPUs
+        work.sub_(other)
+        low, high = torch.aminmax(work)  # NaN if any NaN
+        peak = max(-float(low), float(high))
+        if not peak <= limit:
             if not bool(torch.isfinite(base).all()):
                 raise GuidanceInputError(f"The base model holds NaN or Inf in {name}.")
             if not bool(torch.isfinite(finetuned).all()):
                 raise GuidanceInputError(f"The fine-tuned model holds NaN or Inf in {name}.")
-            raise GuidanceInputError(f"The weight delta (fine-tuned minus base) of {name} overflows to Inf.")
-        peak = max(peak, largest)
+            raise GuidanceInputError(f"The weight delta (fine-tuned minus base) of {name} overflows {dtype}.")
+        largest = max(largest, peak)
         if not wide:
             flat_out[part].copy_(work)
-    return out if peak > 0.0 else None
+    return out if largest > 0.0 else None
 
 
 def weight_delta(base: Mapping[str, Tensor], finetuned: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -237,6 +237,35 @@ def _check_memory(kept: int, transient: int, what: str) -> None:
         )
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """What forming a full pair will do, from the two models' structure alone (no weight read)."""
+
+    keys: list[str]
+    shapes: dict[str, torch.Size]
+    placements: dict[str, ChangedParameter]
+    stored: torch.dtype
+    low_rankable: set[str]
+    memory: tuple[int, int]  # bytes kept, bytes held at once while forming (``memory_needed``)
+
+
+def plan_pair(base: comfy.model_patcher.ModelPatcher, finetuned: comfy.model_patcher.ModelPatcher,
+              low_rank: LowRankSpec | None = None) -> _Plan:
+    """Names and shapes compared, every parameter placed by ``guidance.layers``, the memory estimated: before any
+    weight is read."""
+    base_sd = base.model_state_dict(DIFFUSION_PREFIX)
+    ft_sd = finetuned.model_state_dict(DIFFUSION_PREFIX)
+    check_same_architecture({k: v.shape for k, v in base_sd.items()}, {k: v.shape for k, v in ft_sd.items()})
+    shapes = {k: v.shape for k, v in ft_sd.items()}
+    dtypes = {k: host.float_dtype(v) for k, v in ft_sd.items()}
+    keys = sorted(k for k in shapes if dtypes[k].is_floating_point)
+    placements = _placements(finetuned, keys)
+    stored = stored_dtype(finetuned)
+    low_rankable = {k for k in keys if _low_rank_candidate(placements[k], finetuned, shapes[k])}
+    memory = memory_needed(shapes, dtypes, stored, low_rank, low_rankable)
+    return _Plan(keys, shapes, placements, stored, low_rankable, memory)
+
+
 def pair_from_models(base: comfy.model_patcher.ModelPatcher, finetuned: comfy.model_patcher.ModelPatcher,
                      low_rank: LowRankSpec | None = None) -> FinetunedPair:
     """Form the pair from two MODELs: a clone with extra (LoRA) patches, or two separate models.
@@ -246,17 +275,10 @@ def pair_from_models(base: comfy.model_patcher.ModelPatcher, finetuned: comfy.mo
     """
     if finetuned.is_clone(base):
         return _pair_from_clone(base, finetuned)
-    base_sd = base.model_state_dict(DIFFUSION_PREFIX)
-    ft_sd = finetuned.model_state_dict(DIFFUSION_PREFIX)
-    check_same_architecture({k: v.shape for k, v in base_sd.items()}, {k: v.shape for k, v in ft_sd.items()})
-    shapes = {k: v.shape for k, v in ft_sd.items()}
-    dtypes = {k: host.float_dtype(v) for k, v in ft_sd.items()}
-    del base_sd, ft_sd
-    keys = sorted(k for k in shapes if dtypes[k].is_floating_point)
-    placements = _placements(finetuned, keys)  # structure only: before any weight is read
-    stored = stored_dtype(finetuned)
-    low_rankable = {k for k in keys if _low_rank_candidate(placements[k], finetuned, shapes[k])}
-    _check_memory(*memory_needed(shapes, dtypes, stored, low_rank, low_rankable), "the pair")
+    plan = plan_pair(base, finetuned, low_rank)
+    _check_memory(*plan.memory, "the pair")
+    keys, placements, stored, low_rankable = plan.keys, plan.placements, plan.stored, plan.low_rankable
+    compute = finetuned.load_device if finetuned.load_device.type == "cuda" else torch.device("cpu")
 
     base_weights = base.get_key_patches(DIFFUSION_PREFIX)
     ft_weights = finetuned.get_key_patches(DIFFUSION_PREFIX)
@@ -270,13 +292,14 @@ def pair_from_models(base: comfy.model_patcher.ModelPatcher, finetuned: comfy.mo
         if d is None:
             continue
         if approximate:
-            lr = low_rank_factors(d, low_rank.rank, low_rank.energy)
+            # The decomposition on the GPU where there is one: one layer at a time, minutes less on a CPU.
+            lr = low_rank_factors(d.to(compute), low_rank.rank, low_rank.energy)
             if lr is not None:
                 norm2 = float(torch.linalg.vector_norm(d)) ** 2
                 approximated[0] += 1
                 approximated[1] += norm2
                 approximated[2] += norm2 * max(0.0, 1.0 - lr.kept)
-                lr.up, lr.down = lr.up.to(stored), lr.down.to(stored)
+                lr.up, lr.down = lr.up.to("cpu", stored), lr.down.to("cpu", stored)
                 approximated[3] += (d.numel() - lr.up.numel() - lr.down.numel()) * size
                 factors[key] = [lr]
                 continue
