@@ -177,3 +177,57 @@ def test_family_samples_exactly(family_setup, pair_kind, schedule, estimate, rou
         trapped = trap.sample(noise, latent, comfy.samplers.sampler_object("euler"), sigmas, seed=0)
     assert reference.relative_error(trapped, expected) > 100 * reference.REL_TOL
     assert "weak evaluation runs in" in caplog.text
+
+
+def _with_reference_latent(conditioning, latent):
+    """An edit model's reference image, with the method that embeds its timestep as zero (Qwen-Image-Edit 2511)."""
+    return [[c, {**extra, "reference_latents": [latent], "reference_latents_method": "index_timestep_zero"}]
+            for c, extra in conditioning]
+
+
+LAYOUTS = {
+    # A timestep embedding for the image and for its reference: some layers see twice the batch.
+    "qwen_image": lambda family, conds, shape: (
+        {k: _with_reference_latent(v, torch.randn(1, *family.latent[:-2], *family.latent[-2:],
+                                                  generator=torch.Generator().manual_seed(9))) for k, v in conds.items()},
+        None),
+    # Image to video: the first frame is kept, so the timestep differs per frame and layers see batch x frames rows.
+    "wan22_5b": lambda family, conds, shape: (
+        conds, torch.cat([torch.zeros(shape[0], 1, 1, *shape[3:]), torch.ones(shape[0], 1, shape[2] - 1, *shape[3:])],
+                         dim=2)),
+}
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_a_row_layout_the_pack_cannot_tell_apart_moves_the_weak_evaluation_to_a_forward_of_its_own(name, comfy_host,
+                                                                                                    caplog):
+    """Some features make layers see another number of rows than the batch (edit references, per-frame timesteps).
+    Rows are then not guessed: the weak evaluation moves to a forward of its own, where every row is the weak
+    model's, and the result is exact."""
+    family, nodes = families.FAMILIES[name], comfy_host.nodes
+    base = family.build(seed=1)
+    lora = families.lora_for(base, seed=3)
+    lora_model = comfy.sd.load_lora_for_models(base, None, lora, LORA_STRENGTH, 0.0)[0]
+    base_w = _state(base)
+    lora_d = _lora_delta(base_w, lora, LORA_STRENGTH)
+
+    def with_lora(omega):
+        return {k: v + omega * lora_d[k] if k in lora_d else v for k, v in base_w.items()}
+
+    pair = nodes.load_pair.PairFromModels.execute(base, lora_model).args[0]
+    # Prompts of one length, so that ComfyUI batches the weak null evaluation with the fine-tuned one.
+    plain = {n: family.cond(12, seed) for seed, n in enumerate(TOKENS, start=10)}
+    noise, latent, sigmas = _inputs(family, pair.finetuned)
+    conds, mask = LAYOUTS[name](family, plain, latent.shape)
+    weak = nodes.weak_model.WeakModelInterpolator.execute(pair, **SCHEDULES["constant"]).args[0]
+    guider = nodes.guider.PersonalizationGuider.execute(pair.finetuned, weak, conds["positive"], conds["null"],
+                                                        "two-way (paper)", LAMBDA, LAMBDA_P).args[0]
+    caplog.set_level(logging.INFO)
+    with torch.inference_mode():
+        ours = guider.sample(noise, latent, comfy.samplers.sampler_object("euler"), sigmas, denoise_mask=mask, seed=0)
+    assert "rows cannot be told apart" in caplog.text and "moves to a forward of its own" in caplog.text
+    hand = SeparateModels(family, with_lora(1.0), with_lora, weak.schedule, conds, LAMBDA)
+    with torch.inference_mode():
+        expected = hand.sample(noise, latent, comfy.samplers.sampler_object("euler"), sigmas, denoise_mask=mask, seed=0)
+    reference.close(ours, expected)
+    comfy.model_management.unload_all_models()
