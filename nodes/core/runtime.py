@@ -194,6 +194,22 @@ def _plain_layer_delta(pair: FinetunedPair, path: str, deltas: list[LayerDelta])
     return dense if all(p.kind is not None and not p.reason for p in places) else None
 
 
+def _mostly_not_own(pair: FinetunedPair, root: torch.nn.Module) -> bool:
+    """True when most of a full pair's dense delta sits on comfy.ops layers that do not compute with their own
+    parameters as they are (``host.computes_with_own_parameters``)."""
+    own = other = 0
+    for path, deltas in pair.deltas.items():
+        dense = _plain_layer_delta(pair, path, deltas)
+        if dense is None:
+            continue
+        module, size = root.get_submodule(path), sum(t.numel() for t in dense.tensors())
+        if host.casts_through_comfy(module) and not host.computes_with_own_parameters(module):
+            other += size
+        else:
+            own += size
+    return other > own
+
+
 class _Reroute(Exception):
     """Raised from a forward with weak rows: the weak evaluation moves to a forward of its own, and ``paths`` to
     handlers that do not rely on ComfyUI calling their modules. Nothing persists from the forward that raised it;
@@ -224,12 +240,12 @@ class _Run:
     def prepare(self, root: torch.nn.Module, route: Route | None = None) -> None:
         """Give each changed module its handler and decide the route (module docstring)."""
         self.root = root
-        patcher = getattr(root, "current_patcher", None)
-        # A full fine-tune on weights that ComfyUI streams (dynamic VRAM): ComfyUI's weight function on a forward
-        # of its own costs a pass over the weights; a correction would pass the weak rows through every layer twice.
-        self.prefer_own = route == Route.OWN_FORWARD or self.config.route == Route.OWN_FORWARD or (
-            self.weak_weights and patcher is not None and host.is_dynamic(patcher))
         pair = self.pair
+        # A full fine-tune whose layers mostly do not compute with their own parameters (streamed by dynamic VRAM,
+        # quantized, patched on the fly): ComfyUI's weight function in a forward of its own costs a pass over the
+        # weights, where a correction would pass the weak rows through every layer twice.
+        self.prefer_own = route == Route.OWN_FORWARD or self.config.route == Route.OWN_FORWARD or (
+            self.weak_weights and self.config.rows is None and _mostly_not_own(pair, root))
         handlers: list[Handler] = []
         reasons: list[str] = []
         for path, deltas in pair.deltas.items():
