@@ -31,6 +31,10 @@ else:
 @pytest.fixture(scope="session")
 def comfy_host(tmp_path_factory):
     """Imports ComfyUI (CPU), loads this pack as ComfyUI does, and returns the pack's module."""
+    # pytest puts the checkout's root before ComfyUI when the checkout's folder name is not a Python identifier
+    # (comfyui-personalization-guidance): then this pack's nodes/ would shadow ComfyUI's nodes.py.
+    sys.path.remove(COMFYUI_PATH)
+    sys.path.insert(0, COMFYUI_PATH)
     import utils.extra_config  # noqa: F401  (before nodes: see HOST.md)
     import folder_paths
 
