@@ -214,8 +214,8 @@ class Sweep(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, omega_values: str, lambda_values: str) -> bool | str:
-        # None: linked from another node, checked when the sweep runs.
+    def validate_inputs(cls, omega_values: str, lambda_values: str, *, estimate=None) -> bool | str:
+        # None: linked from another node, checked when the sweep runs. See core/modes.py on ``estimate``.
         return list_problems(omega_values, lambda_values) or True
 
     @classmethod

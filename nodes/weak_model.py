@@ -13,16 +13,17 @@ from .sockets import CATEGORY, FinetunedPairSocket, WeakModelSocket
 SCHEDULE = "schedule"
 
 
-def _omega(tooltip: str, default: float = 0.5, id: str = "omega") -> io.Float.Input:
+def _unit_interval(tooltip: str, default: float = 0.5, id: str = "omega") -> io.Float.Input:
+    """A widget for a value in [0, 1]: omega, or sampling progress."""
     return io.Float.Input(id, default=default, min=0.0, max=1.0, step=0.01, tooltip=tooltip)
 
 
 def schedule_input() -> io.DynamicCombo.Input:
     """The schedule and its omega values: constant shows omega alone, linear and cosine also omega_end."""
-    omega = _omega("How much of the personalization the weak model keeps (for linear and cosine: at the start of the "
+    omega = _unit_interval("How much of the personalization the weak model keeps (for linear and cosine: at the start of the "
                    "guidance interval). 1 makes the weak model the fine-tuned model (plain CFG, no personalization "
                    "guidance); 0 makes it the base model.")
-    ramp = [omega, _omega("omega at the end of the guidance interval: omega moves from omega to omega_end. 1 ends on "
+    ramp = [omega, _unit_interval("omega at the end of the guidance interval: omega moves from omega to omega_end. 1 ends on "
                           "plain CFG.", default=1.0, id="omega_end")]
     return mode_input(
         SCHEDULE,
@@ -33,25 +34,13 @@ def schedule_input() -> io.DynamicCombo.Input:
 
 
 def interval_inputs() -> list[io.Float.Input]:
+    """guidance_start and guidance_end: sampling progress, 0 = first step, 1 = the end."""
     return [
-        io.Float.Input(
-            "guidance_start",
-            default=0.0,
-            min=0.0,
-            max=1.0,
-            step=0.01,
-            tooltip="Sampling progress (0 = first step, 1 = last) where the weak model starts to differ from the "
-            "fine-tuned model. Before it, plain CFG. 0 guides from the first step.",
-        ),
-        io.Float.Input(
-            "guidance_end",
-            default=1.0,
-            min=0.0,
-            max=1.0,
-            step=0.01,
-            tooltip="Sampling progress where personalization guidance stops; after it, plain CFG. 1 guides to the "
-            "last step. Not before guidance_start.",
-        ),
+        _unit_interval("Sampling progress (0 = first step, 1 = last) where the weak model starts to differ from the "
+               "fine-tuned model. Before it, plain CFG. 0 guides from the first step.", default=0.0,
+               id="guidance_start"),
+        _unit_interval("Sampling progress where personalization guidance stops; after it, plain CFG. 1 guides to the last "
+               "step. Not before guidance_start.", default=1.0, id="guidance_end"),
     ]
 
 
@@ -103,7 +92,8 @@ class WeakModelInterpolator(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, guidance_start: float, guidance_end: float) -> bool | str:
+    def validate_inputs(cls, guidance_start: float, guidance_end: float, *, schedule=None) -> bool | str:
+        # See core/modes.py on the keyword-only parameter: it takes the schedule that ComfyUI passes regardless.
         return interval_problem(guidance_start, guidance_end) or True
 
     @classmethod

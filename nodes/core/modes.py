@@ -14,6 +14,13 @@ id, and the option's inputs by id (None for an unconnected optional socket).
 as keywords, which is how Python callers (tests, scripts, benchmarks) call the
 nodes' ``execute``.
 
+``validate_inputs``: ComfyUI shows the function's message under every input that it
+names as a (positional) parameter, and also passes every DynamicCombo of the node
+to it, nested as for ``execute``, whether the function names it or not (children
+it does not name are None there). A function that checks other inputs takes the
+combo as a keyword-only parameter (``def validate_inputs(cls, a, b, *, estimate=None)``):
+ComfyUI reads only positional parameters when it decides where to show a message.
+
 A node with a new mode-dependent input list reuses ``mode_input`` and ``Mode.of``:
 see ``nodes/load_pair.py`` (the personalization: a LoRA and its strength, or a
 fine-tuned checkpoint) and ``nodes/guider.py`` (the estimate and its scales).

@@ -246,6 +246,20 @@ def load() -> dict[str, Any]:
 LOCALE_PATH = PACK_DIR / "locales" / "en" / "nodeDefs.json"
 
 
+def _collect_tooltips(kind: str, spec: dict, prefix: str, found: dict[str, str]) -> None:
+    """The tooltips of the inputs under DynamicCombos in ``spec``, by full name, into ``found``."""
+    for section in ("required", "optional"):
+        for name, (io_type, *rest) in spec.get(section, {}).items():
+            options = rest[0] if rest and isinstance(rest[0], dict) else {}
+            full = prefix + name
+            if prefix and options.get("tooltip"):
+                if found.setdefault(full, options["tooltip"]) != options["tooltip"]:
+                    raise ValueError(f"{kind}.{full} has two tooltips; a translation key holds one")
+            if io_type == DYNAMIC_COMBO:
+                for option in options["options"]:
+                    _collect_tooltips(kind, option["inputs"], full + ".", found)
+
+
 def dynamic_input_tooltips(node_classes: dict[str, Any]) -> dict[str, Any]:
     """The frontend's translation entries that give a DynamicCombo's inputs their tooltips.
 
@@ -257,20 +271,7 @@ def dynamic_input_tooltips(node_classes: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for kind, node_class in sorted(node_classes.items()):
         found: dict[str, str] = {}
-
-        def walk(spec: dict, prefix: str) -> None:
-            for section in ("required", "optional"):
-                for name, (io_type, *rest) in spec.get(section, {}).items():
-                    options = rest[0] if rest and isinstance(rest[0], dict) else {}
-                    full = prefix + name
-                    if prefix and options.get("tooltip"):
-                        if found.setdefault(full, options["tooltip"]) != options["tooltip"]:
-                            raise ValueError(f"{kind}.{full} has two tooltips; a translation key holds one")
-                    if io_type == DYNAMIC_COMBO:
-                        for option in options["options"]:
-                            walk(option["inputs"], full + ".")
-
-        walk(node_class.INPUT_TYPES(), "")
+        _collect_tooltips(kind, node_class.INPUT_TYPES(), "", found)
         if found:
             out[kind] = {"inputs": {key.replace(".", "_"): {"tooltip": text} for key, text in sorted(found.items())}}
     return out
