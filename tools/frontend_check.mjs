@@ -316,6 +316,45 @@ await focusMode(false);
   console.log('\nswitching the guider of', file, 'to two-way:', JSON.stringify(result), problems);
 }
 
+// ------------------------------------------------------------------- mistakes, queued with Run, as a user sees them
+
+{
+  const cases = [
+    { file: 'Tuning, presets', node: 'PG_SavePreset', set: { name: 'sd15_lora' }, expect: ["'sd15_lora' is a shipped preset"] },
+    { file: 'Tuning, a sweep grid', node: 'PG_Sweep', set: { omega_values: '0.3, abc, 1.5' }, expect: ["'abc' is not a number", 'got 1.5'] },
+    { file: 'KSampler', node: 'PG_PersonalizationGuidanceModel', set: { estimate: 'three-way' }, expect: ['null_conditioning'] },
+  ];
+  const problems = [], seen = {};
+  for (const c of cases) {
+    const file = files.find((f) => f.startsWith(c.file));
+    await load(JSON.parse(fs.readFileSync(path.join(WF_DIR, file), 'utf8')), 'mistake');
+    await page.evaluate(async (c) => {
+      const n = window.app.graph._nodes.find((x) => x.type === c.node);
+      for (const [k, v] of Object.entries(c.set)) n.widgets.find((w) => w.name === k).value = v;
+      await window.app.queuePrompt(0, 1);
+    }, c);
+    await sleep(6000);
+    // 1.35 shows the messages in a dialog. 1.4x names the problem in its error overlay; its "View details" opens a
+    // panel that lists the inputs concerned, each with an info button that shows the message.
+    const details = await page.evaluate(async () => {
+      const button = [...document.querySelectorAll('[data-testid="error-overlay"] button')].find((b) => /details/i.test(b.innerText));
+      if (!button) return '';
+      button.click();
+      await new Promise((r) => setTimeout(r, 2500));
+      for (const info of document.querySelectorAll('button[aria-label^="Info for"]')) info.click();
+      await new Promise((r) => setTimeout(r, 1500));
+      return document.body.innerText.replace(/\s+/g, ' '); // the widgets are drawn on the canvas: no text of theirs
+    });
+    const shown = [...(await dialogText()), details].join(' | ');
+    const at = Math.max(0, ...c.expect.map((e) => shown.indexOf(e)));
+    seen[c.file] = shown.slice(Math.max(0, at - 300), at + 300);
+    for (const e of c.expect) if (!shown.includes(e)) problems.push(`${c.file}: the frontend does not show "${e}" (it shows: ${shown || 'nothing'})`);
+    await closeDialogs();
+  }
+  report.mistakes = problems;
+  console.log('\nmistakes queued with Run:', JSON.stringify(seen, null, 1), problems);
+}
+
 // ------------------------------------------------------------------------ the template browser and search
 
 {
@@ -401,13 +440,13 @@ let failed = !report.control;
 console.log(`\nSUMMARY (frontend ${frontendVersion})`);
 if (!report.control) console.log('  control: the missing-nodes dialog did NOT appear for an unknown node type: the check is blind');
 for (const [file, r] of Object.entries(report)) {
-  if (['control', 'switch', 'templates', 'search'].includes(file)) continue;
+  if (['control', 'switch', 'mistakes', 'templates', 'search'].includes(file)) continue;
   const bad = [...r.dialogs, ...r.consoleErrors, ...r.problems.filter((p) => !p.startsWith('(info)')), ...r.promptProblems];
   const noTip = Object.entries(r.tooltips).flatMap(([n, t]) => Object.entries(t).filter(([, v]) => !v).map(([w]) => `${n} ${w}`));
   failed ||= bad.length > 0;
   console.log(`  ${file}: ${bad.length ? 'FAIL\n    ' + bad.join('\n    ') : 'ok'}${noTip.length ? `  (no tooltip: ${noTip.join(', ')})` : ''}`);
 }
-for (const part of ['switch', 'templates', 'search']) {
+for (const part of ['switch', 'mistakes', 'templates', 'search']) {
   failed ||= report[part].length > 0;
   console.log(`  ${part}: ${report[part].length ? 'FAIL\n    ' + report[part].join('\n    ') : 'ok'}`);
 }
