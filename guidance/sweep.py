@@ -16,28 +16,44 @@ MAX_IMAGES = 64  # combinations times the latent batch size
 
 _NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
 _SEPARATORS = re.compile(r"[\s,;]+")
+_EXAMPLE = "write numbers separated by commas, e.g. 0.3, 0.5, 0.7"
 
 
-def parse_values(name: str, text: str, check: Callable[[str, float], float]) -> tuple[float, ...]:
-    """The numbers of a list like "0.3, 0.5, 0.7", each passed through ``check(name, value)`` (a range check).
+def value_problems(name: str, text: str, check: Callable[[str, float], float]) -> tuple[tuple[float, ...], list[str]]:
+    """The numbers of a list like "0.3, 0.5, 0.7" that pass ``check(name, value)``, and every problem with the list.
 
-    Commas, semicolons or spaces separate the numbers; at most ``MAX_VALUES`` of them, none twice.
+    Commas, semicolons or spaces separate the numbers; at most ``MAX_VALUES`` of them, none twice. The problems
+    are sentences without the closing full stop, in the order of the list; none when the list is good.
     """
     items = [item for item in _SEPARATORS.split(text.strip()) if item]
-    example = "write numbers separated by commas, e.g. 0.3, 0.5, 0.7"
     if not items:
-        raise GuidanceInputError(f"{name} is empty: {example}.")
+        return (), [f"{name} is empty: {_EXAMPLE}"]
+    problems = []
     if len(items) > MAX_VALUES:
-        raise GuidanceInputError(f"{name} has {len(items)} values; a sweep takes at most {MAX_VALUES} per list.")
+        problems.append(f"{name} has {len(items)} values; a sweep takes at most {MAX_VALUES} per list")
     values: list[float] = []
     for item in items:
         if not _NUMBER.fullmatch(item):
-            raise GuidanceInputError(f"{name}: {item!r} is not a number: {example}.")
-        value = check(name, float(item))
+            problems.append(f"{name}: {item!r} is not a number: {_EXAMPLE}")
+            continue
+        try:
+            value = check(name, float(item))
+        except GuidanceInputError as error:
+            problems.append(str(error).rstrip("."))
+            continue
         if value in values:
-            raise GuidanceInputError(f"{name} lists {value:g} twice: each value makes a row or column of the grid once.")
+            problems.append(f"{name} lists {value:g} twice: each value makes a row or column of the grid once")
+            continue
         values.append(value)
-    return tuple(values)
+    return tuple(values), problems
+
+
+def parse_values(name: str, text: str, check: Callable[[str, float], float]) -> tuple[float, ...]:
+    """The numbers of a list like "0.3, 0.5, 0.7" (see ``value_problems``); every problem at once is an error."""
+    values, problems = value_problems(name, text, check)
+    if problems:
+        raise GuidanceInputError("; ".join(problems) + ".")
+    return values
 
 
 def sweep_combinations(omegas: Sequence[float], lambdas: Sequence[float], batch_size: int = 1) -> list[tuple[float, float]]:

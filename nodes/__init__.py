@@ -4,6 +4,7 @@ from typing_extensions import override
 
 from comfy_api.latest import ComfyExtension, io
 
+from .core.user_errors import log_user_errors_as_one_line
 from .guider import PersonalizationGuider
 from .load_diffusion_pair import LoadDiffusionModelPair
 from .load_pair import LoadFinetunedPair, PairFromModels
@@ -30,6 +31,8 @@ NODES: list[type[io.ComfyNode]] = [
 class PersonalizationGuidanceExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        # Here rather than in on_load, which ComfyUI v0.8.0 does not call.
+        log_user_errors_as_one_line()
         return NODES
 
 

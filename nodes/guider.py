@@ -7,17 +7,20 @@ from comfy_api.latest import io
 
 from ..guidance import GuidanceInputError, check_scale
 from .core.runtime import Estimate, GuidanceConfig, RowScales, attach
-from .inputs import estimate_input, model_input, personalization_scale_input, weak_model_input
+from .core.schema import node_schema
+from .inputs import estimate_of, guider_estimate_input, model_input, weak_model_input
 from .sockets import CATEGORY
 
 
 class PersonalizationGuider(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return node_schema(
             node_id="PG_PersonalizationGuider",
             display_name="Personalization Guider",
             category=CATEGORY,
+            search_aliases=["guider", "CFG guider", "SamplerCustomAdvanced", "weak model guidance", "two-way",
+                            "three-way", "lambda"],
             description=(
                 "Personalization guidance (arXiv 2508.00319): the weak model on the null prompt guides the "
                 "fine-tuned model, at the cost of CFG. Use in place of CFGGuider with SamplerCustomAdvanced."
@@ -31,23 +34,7 @@ class PersonalizationGuider(io.ComfyNode):
                     tooltip="The empty prompt \"\" encoded with the pair's CLIP (a CLIPTextEncode with no text). "
                     "Not a negative prompt: the weak model sees this.",
                 ),
-                io.Conditioning.Input(
-                    "negative",
-                    optional=True,
-                    tooltip="Three-way only: the negative prompt n. Leave unconnected to use the null prompt.",
-                ),
-                estimate_input(),
-                io.Float.Input(
-                    "guidance_scale",
-                    default=7.5,
-                    min=0.0,
-                    max=100.0,
-                    step=0.1,
-                    round=0.01,
-                    tooltip="lambda (two-way) or the text scale lambda_t (three-way), like CFG's scale. 1 samples "
-                    "the fine-tuned model on the prompt alone, with one evaluation per step.",
-                ),
-                personalization_scale_input(),
+                guider_estimate_input(),
             ],
             outputs=[io.Guider.Output("guider", tooltip="For SamplerCustomAdvanced's guider input.")],
         )
@@ -59,18 +46,23 @@ class PersonalizationGuider(io.ComfyNode):
         weak_model,
         positive,
         null_conditioning,
-        estimate: str,
-        guidance_scale: float,
-        personalization_scale: float,
+        estimate: dict | str,
+        guidance_scale: float | None = None,
+        personalization_scale: float | None = None,
         negative=None,
     ) -> io.NodeOutput:
-        return io.NodeOutput(make_guider(model, weak_model, positive, null_conditioning, estimate, guidance_scale,
-                                         personalization_scale, negative))
+        """``estimate`` as ComfyUI passes it (the estimate with its scales and negative); Python callers may pass the
+        estimate's name, the scales and ``negative`` as arguments."""
+        chosen = estimate_of(estimate, guidance_scale=guidance_scale, personalization_scale=personalization_scale,
+                             negative=negative)
+        return io.NodeOutput(make_guider(model, weak_model, positive, null_conditioning, chosen.key,
+                                         chosen["guidance_scale"], chosen.get("personalization_scale", 1.0),
+                                         chosen.get("negative")))
 
 
 def make_guider(model, weak_model, positive, null_conditioning, estimate: str, guidance_scale: float,
                 personalization_scale: float, negative=None, rows: RowScales | None = None) -> comfy.samplers.CFGGuider:
-    """The guider's GUIDER; ``rows`` gives each row of the latent batch its own omega and scales (PG Sweep)."""
+    """The guider's GUIDER; ``rows`` gives each row of the latent batch its own omega and scales (Personalization Sweep)."""
     estimate = Estimate(estimate)
     check_scale("guidance_scale", guidance_scale)
     if negative is not None and estimate == Estimate.TWO_WAY:

@@ -1,19 +1,27 @@
-"""Inputs that several nodes share: the guider's and the KSampler patch's, and the pair loaders' low-rank option."""
+"""Inputs that several nodes share: the guider's, the KSampler patch's and the tuning nodes', and the pair
+loaders' low-rank option.
 
+``estimate`` is a DynamicCombo (``core/modes.py``): two-way shows the one scale
+lambda; three-way shows lambda_t, lambda_p and, where the node takes one, the
+negative prompt socket. So a negative prompt cannot be connected in two-way, and
+the KSampler patch's null_conditioning is a required socket in three-way only:
+ComfyUI reports either mistake when the workflow is queued, at that socket.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
 from enum import Enum
+from typing import Any
 
 from comfy_api.latest import io
 
+from .core.modes import Mode, mode_input
 from .core.pairs import LowRankSpec
 from .core.runtime import Estimate
 from .sockets import WeakModelSocket
 
-
-class FullDelta(str, Enum):
-    """How a full pair keeps theta_ft - theta_pre."""
-
-    EXACT = "exact"
-    LOW_RANK = "low rank"
+ESTIMATE = "estimate"
 
 
 def model_input() -> io.Model.Input:
@@ -24,21 +32,22 @@ def model_input() -> io.Model.Input:
 
 
 def weak_model_input() -> WeakModelSocket.Input:
-    return WeakModelSocket.Input("weak_model", tooltip="From the Weak Model Interpolator.")
-
-
-def estimate_input() -> io.Combo.Input:
-    return io.Combo.Input(
-        "estimate",
-        options=Estimate,
-        default=Estimate.TWO_WAY,
-        tooltip="two-way (the paper): D_w(null) + lambda (D_ft(c) - D_w(null)), 2 model evaluations per step. "
-        "three-way (this pack's extension): adds a negative prompt n and a separate personalization scale, "
-        "3 evaluations per step (2 when the scales are equal).",
+    return WeakModelSocket.Input(
+        "weak_model", tooltip="From the Personalization Weak Model (or the Personalization Preset Loader)."
     )
 
 
-def personalization_scale_input() -> io.Float.Input:
+def guidance_scale_input(tooltip: str | None = None) -> io.Float.Input:
+    """lambda (two-way) or lambda_t (three-way), with CFG's range."""
+    return io.Float.Input(
+        "guidance_scale", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01,
+        tooltip=tooltip or "lambda (two-way), or lambda_t, the text scale between the prompt and the negative "
+        "prompt n (three-way): like CFG's scale. 1 samples the fine-tuned model on the prompt alone (no guidance, "
+        "one evaluation per step).",
+    )
+
+
+def personalization_scale_input(tooltip: str | None = None) -> io.Float.Input:
     return io.Float.Input(
         "personalization_scale",
         default=3.0,
@@ -46,43 +55,93 @@ def personalization_scale_input() -> io.Float.Input:
         max=100.0,
         step=0.1,
         round=0.01,
-        tooltip="Three-way only: lambda_p, the pull from the weak model's null prediction toward the fine-tuned "
-        "negative prediction. 1 turns personalization guidance off (plain CFG with the negative); equal to the "
-        "text scale gives the two-way estimate.",
+        tooltip=tooltip or "lambda_p, the pull from the weak model's null prediction toward the fine-tuned negative "
+        "prediction. 1 turns personalization guidance off (plain CFG with the negative); equal to guidance_scale "
+        "gives the two-way estimate.",
     )
 
 
-def low_rank_inputs() -> list:
+def negative_input() -> io.Conditioning.Input:
+    return io.Conditioning.Input(
+        "negative",
+        optional=True,
+        tooltip="The negative prompt n, encoded with the pair's CLIP. Leave unconnected to use the null prompt.",
+    )
+
+
+ESTIMATES = (
+    "two-way (the paper): D_w(null) + lambda (D_ft(c) - D_w(null)), 2 model evaluations per step. three-way (this "
+    "pack's extension): adds a negative prompt n and a separate personalization scale, 3 evaluations per step (2 "
+    "when the scales are equal). "
+)
+
+
+def estimate_input(two_way: Sequence[io.Input], three_way: Sequence[io.Input], shown: str) -> io.DynamicCombo.Input:
+    """The estimate and the inputs each estimate shows; ``shown`` says which, for the tooltip."""
+    return mode_input(ESTIMATE, {Estimate.TWO_WAY: two_way, Estimate.THREE_WAY: three_way}, tooltip=ESTIMATES + shown)
+
+
+def guider_estimate_input() -> io.DynamicCombo.Input:
+    """The Personalization Guider's estimate: two-way shows lambda; three-way lambda_t, lambda_p and negative."""
+    return estimate_input(
+        two_way=[guidance_scale_input()],
+        three_way=[negative_input(), guidance_scale_input(), personalization_scale_input()],
+        shown="Two-way shows guidance_scale (lambda); three-way the negative socket, guidance_scale (lambda_t) and "
+        "personalization_scale (lambda_p).",
+    )
+
+
+def estimate_of(estimate: Mapping[str, Any] | str, **flat) -> Mode[Estimate]:
+    """The estimate and its inputs, from ComfyUI's value of ``estimate`` or from a name with keyword inputs."""
+    return Mode.of(Estimate, ESTIMATE, estimate, **flat)
+
+
+class FullDelta(str, Enum):
+    """How a full pair keeps theta_ft - theta_pre."""
+
+    EXACT = "exact"
+    LOW_RANK = "low rank"
+
+
+FULL_DELTA = "full_delta"
+
+
+def full_delta_input() -> io.DynamicCombo.Input:
     """A full pair's delta kept exactly, or as a truncated SVD per Linear/Conv weight (less memory, approximate)."""
-    return [
-        io.Combo.Input(
-            "full_delta",
-            options=FullDelta,
-            default=FullDelta.EXACT,
-            tooltip="Full fine-tunes only (a LoRA is low-rank already). exact: the whole weight delta, as large as "
-            "the model (two weight sets while sampling). low rank: each Linear/Conv weight delta kept as its "
-            "truncated SVD, a fraction of the memory; an approximation, whose error the log reports.",
-        ),
-        io.Int.Input(
-            "rank",
-            default=128,
-            min=0,
-            max=4096,
-            tooltip="low rank: at most this many singular values per layer (0: no cap, energy alone decides). "
-            "Higher is closer to exact and larger.",
-        ),
-        io.Float.Input(
-            "energy",
-            default=1.0,
-            min=0.5,
-            max=1.0,
-            step=0.001,
-            tooltip="low rank: keep the fewest singular values that hold this fraction of each layer's delta "
-            "(its squared norm). 1 keeps all of them up to the rank.",
-        ),
-    ]
+    return mode_input(
+        FULL_DELTA,
+        {
+            FullDelta.EXACT: [],
+            FullDelta.LOW_RANK: [
+                io.Int.Input(
+                    "rank",
+                    default=128,
+                    min=0,
+                    max=4096,
+                    tooltip="At most this many singular values per layer (0: no cap, energy alone decides). Higher "
+                    "is closer to exact, and larger.",
+                ),
+                io.Float.Input(
+                    "energy",
+                    default=1.0,
+                    min=0.5,
+                    max=1.0,
+                    step=0.001,
+                    tooltip="Keep the fewest singular values that hold this fraction of each layer's delta (its "
+                    "squared norm). 1 keeps all of them up to the rank.",
+                ),
+            ],
+        },
+        tooltip="Full fine-tunes only (a LoRA is low-rank already). exact: the whole weight delta, as large as the "
+        "model (two weight sets while sampling). low rank (shows rank and energy): each Linear/Conv weight delta "
+        "kept as its truncated SVD, a fraction of the memory; an approximation, whose error the log reports.",
+    )
 
 
-def low_rank_spec(full_delta: str, rank: int, energy: float) -> LowRankSpec | None:
-    """The low-rank option as pair formation takes it: None for an exact delta."""
-    return LowRankSpec(rank=rank, energy=energy) if FullDelta(full_delta) == FullDelta.LOW_RANK else None
+def low_rank_spec(full_delta: Mapping[str, Any] | str | None, **flat) -> LowRankSpec | None:
+    """The low-rank option as pair formation takes it (None: exact), from ComfyUI's value of ``full_delta`` or from
+    a name with ``rank`` and ``energy`` as keywords."""
+    chosen = Mode.of(FullDelta, FULL_DELTA, full_delta or FullDelta.EXACT, **flat)
+    if chosen.key == FullDelta.EXACT:
+        return None
+    return LowRankSpec(rank=chosen.get("rank", 128), energy=chosen.get("energy", 1.0))

@@ -1,8 +1,6 @@
-"""Load Fine-tuned Pair: a base checkpoint and its personalization, a LoRA or a fine-tuned checkpoint."""
+"""The pair loaders: a base checkpoint and its personalization (a LoRA or a fine-tuned checkpoint), or two MODELs."""
 
 from __future__ import annotations
-
-from enum import Enum
 
 import comfy.sd
 import comfy.utils
@@ -10,15 +8,10 @@ import folder_paths
 from comfy_api.latest import io
 
 from .core.pairs import load_lora_pair, pair_from_models
-from .inputs import low_rank_inputs, low_rank_spec
+from .core.personalization import Personalization, check_not_the_base, personalization_input, personalization_of
+from .core.schema import node_schema
+from .inputs import full_delta_input, low_rank_spec
 from .sockets import CATEGORY, FinetunedPairSocket
-
-NONE = "none"
-
-
-class Personalization(str, Enum):
-    LORA = "LoRA"
-    CHECKPOINT = "fine-tuned checkpoint"
 
 
 def _checkpoint(name: str):
@@ -31,13 +24,15 @@ def _checkpoint(name: str):
 class LoadFinetunedPair(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return node_schema(
             node_id="PG_LoadFinetunedPair",
-            display_name="Load Fine-tuned Pair",
+            display_name="Personalization Pair Loader",
             category=CATEGORY,
+            search_aliases=["load fine-tuned pair", "load checkpoint", "load LoRA", "base model", "pair loader"],
             description=(
                 "Loads a base checkpoint and its personalization (a LoRA, or a DreamBooth-style fine-tuned "
-                "checkpoint) as a pair for personalization guidance, plus the fine-tuned MODEL, CLIP and VAE."
+                "checkpoint of it) as a pair for personalization guidance, and the fine-tuned MODEL, CLIP and VAE "
+                "to sample with."
             ),
             inputs=[
                 io.Combo.Input(
@@ -45,38 +40,10 @@ class LoadFinetunedPair(io.ComfyNode):
                     options=folder_paths.get_filename_list("checkpoints"),
                     tooltip="The pre-trained checkpoint the personalization was trained from.",
                 ),
-                io.Combo.Input(
-                    "personalization",
-                    options=Personalization,
-                    default=Personalization.LORA,
-                    tooltip="LoRA: a LoRA file applied to the base. Fine-tuned checkpoint: a full fine-tune "
-                    "(DreamBooth) of the base.",
-                ),
-                io.Combo.Input(
-                    "lora_name",
-                    options=[NONE] + folder_paths.get_filename_list("loras"),
-                    default=NONE,
-                    tooltip="The personalization LoRA (when personalization is LoRA).",
-                ),
-                io.Float.Input(
-                    "lora_strength",
-                    default=1.0,
-                    min=-10.0,
-                    max=10.0,
-                    step=0.01,
-                    tooltip="Strength s of the LoRA on the model and CLIP: the fine-tuned model. The weak model "
-                    "uses omega * s. 0 turns the LoRA off.",
-                ),
-                io.Combo.Input(
-                    "finetuned_checkpoint",
-                    options=[NONE] + folder_paths.get_filename_list("checkpoints"),
-                    default=NONE,
-                    tooltip="The fine-tuned checkpoint (when personalization is fine-tuned checkpoint). Its CLIP "
-                    "and VAE are the ones output.",
-                ),
+                personalization_input("checkpoints", finetuned_extra=[full_delta_input()]),
             ],
             outputs=[
-                FinetunedPairSocket.Output("pair", tooltip="Base and fine-tuned weights, for the Weak Model Interpolator."),
+                FinetunedPairSocket.Output("pair", tooltip="Base and fine-tuned weights, for the Personalization Weak Model (or a preset)."),
                 io.Model.Output("finetuned_model", tooltip="The fine-tuned MODEL: sample with this one."),
                 io.Clip.Output("clip", tooltip="The fine-tuned CLIP: encode the prompt and the empty null prompt."),
                 io.Vae.Output("vae", tooltip="The VAE of the checkpoint the fine-tuned model came from."),
@@ -84,46 +51,43 @@ class LoadFinetunedPair(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, personalization: str, lora_name: str, finetuned_checkpoint: str) -> bool | str:
-        # Naming inputs here turns off ComfyUI's own option checks for them, so this checks them all.
-        if personalization not in [p.value for p in Personalization]:
-            return f"Unknown personalization {personalization!r}."
-        if lora_name != NONE and lora_name not in folder_paths.get_filename_list("loras"):
-            return f"LoRA not found in the loras folder: {lora_name}"
-        if finetuned_checkpoint != NONE and finetuned_checkpoint not in folder_paths.get_filename_list("checkpoints"):
-            return f"Checkpoint not found in the checkpoints folder: {finetuned_checkpoint}"
-        if personalization == Personalization.LORA.value and lora_name == NONE:
-            return "Personalization is LoRA: choose a lora_name."
-        if personalization == Personalization.CHECKPOINT.value and finetuned_checkpoint == NONE:
-            return "Personalization is a fine-tuned checkpoint: choose a finetuned_checkpoint."
-        return True
-
-    @classmethod
     def execute(
         cls,
         base_checkpoint: str,
-        personalization: str,
-        lora_name: str,
-        lora_strength: float,
-        finetuned_checkpoint: str,
+        personalization: dict | str,
+        lora_name: str | None = None,
+        lora_strength: float = 1.0,
+        finetuned_checkpoint: str | None = None,
+        full_delta: str = "exact",
+        rank: int = 128,
+        energy: float = 1.0,
     ) -> io.NodeOutput:
-        if Personalization(personalization) == Personalization.LORA:
+        """``personalization`` as ComfyUI passes it (see ``personalization_of``); Python callers may pass the mode's
+        name and its inputs as keywords."""
+        chosen = personalization_of(personalization, lora_name=lora_name, lora_strength=lora_strength,
+                                    finetuned_checkpoint=finetuned_checkpoint, full_delta=full_delta)
+        if chosen.key == Personalization.LORA:
             model, clip, vae = _checkpoint(base_checkpoint)
-            lora = comfy.utils.load_torch_file(folder_paths.get_full_path_or_raise("loras", lora_name), safe_load=True)
-            pair, ft_clip = load_lora_pair(model, clip, lora, lora_strength, lora_name)
+            name = chosen["lora_name"]
+            lora = comfy.utils.load_torch_file(folder_paths.get_full_path_or_raise("loras", name), safe_load=True)
+            pair, ft_clip = load_lora_pair(model, clip, lora, chosen["lora_strength"], name)
             return io.NodeOutput(pair, pair.finetuned, ft_clip, vae)
+        finetuned = chosen["finetuned_checkpoint"]
+        check_not_the_base("checkpoints", base_checkpoint, finetuned)
         base_model = _checkpoint(base_checkpoint)[0]
-        ft_model, ft_clip, ft_vae = _checkpoint(finetuned_checkpoint)
-        return io.NodeOutput(pair_from_models(base_model, ft_model), ft_model, ft_clip, ft_vae)
+        ft_model, ft_clip, ft_vae = _checkpoint(finetuned)
+        low_rank = low_rank_spec(chosen["full_delta"], rank=rank, energy=energy)
+        return io.NodeOutput(pair_from_models(base_model, ft_model, low_rank), ft_model, ft_clip, ft_vae)
 
 
 class PairFromModels(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return node_schema(
             node_id="PG_PairFromModels",
-            display_name="Fine-tuned Pair from Models",
+            display_name="Personalization Pair from Models",
             category=CATEGORY,
+            search_aliases=["fine-tuned pair from models", "pair from models", "base model", "LoRA loader"],
             description=(
                 "Forms a pair from MODELs that other loaders produced: the base, and the fine-tuned model (the "
                 "base with a LoRA applied, or a separately loaded fine-tune of it)."
@@ -135,16 +99,17 @@ class PairFromModels(io.ComfyNode):
                     tooltip="The personalized MODEL: base_model after a LoRA loader, or a fine-tuned checkpoint of "
                     "the same architecture.",
                 ),
-                *low_rank_inputs(),
+                full_delta_input(),
             ],
             outputs=[
-                FinetunedPairSocket.Output("pair", tooltip="Base and fine-tuned weights, for the Weak Model Interpolator."),
+                FinetunedPairSocket.Output("pair", tooltip="Base and fine-tuned weights, for the Personalization Weak Model (or a preset)."),
                 io.Model.Output("finetuned_model", tooltip="The fine-tuned MODEL, passed through."),
             ],
         )
 
     @classmethod
-    def execute(cls, base_model, finetuned_model, full_delta: str = "exact", rank: int = 128,
+    def execute(cls, base_model, finetuned_model, full_delta: dict | str = "exact", rank: int = 128,
                 energy: float = 1.0) -> io.NodeOutput:
-        return io.NodeOutput(pair_from_models(base_model, finetuned_model, low_rank_spec(full_delta, rank, energy)),
-                             finetuned_model)
+        """``full_delta`` as ComfyUI passes it, or its name with ``rank`` and ``energy`` (Python callers)."""
+        low_rank = low_rank_spec(full_delta, rank=rank, energy=energy)
+        return io.NodeOutput(pair_from_models(base_model, finetuned_model, low_rank), finetuned_model)

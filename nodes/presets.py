@@ -1,8 +1,8 @@
-"""PG Load Preset and PG Save Preset: named omega schedules and scales, as small JSON files.
+"""Personalization Preset Loader and Saver: named omega schedules and scales, as small JSON files.
 
 Load turns a preset into what the guider needs: a weak model of the pair with the
-preset's omega schedule, and the estimate and scales to wire into the guider's
-widgets. Save writes the values on its widgets as a preset in ComfyUI's user
+preset's omega schedule, and the estimate and scales for the guider (the scales
+can be linked to the guider's scale widgets). Save writes the values on its widgets as a preset in ComfyUI's user
 folder. Files are parsed and validated (``guidance.presets``), never evaluated.
 """
 
@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..guidance import GuidanceInputError, Preset, check_preset_name
+from ..guidance import Preset
 from .core import preset_store
 from .core.runtime import Estimate, WeakModel
-from .inputs import estimate_input, personalization_scale_input
-from .sockets import FinetunedPairSocket, WeakModelSocket
-from .tuning_inputs import TUNING_CATEGORY, guidance_scale_input, schedule_inputs
+from .core.schema import node_schema
+from .inputs import estimate_input, estimate_of, guidance_scale_input, personalization_scale_input
+from .sockets import TUNING_CATEGORY, FinetunedPairSocket, WeakModelSocket
+from .weak_model import interval_inputs, schedule_input, schedule_of
 
 DEFAULT_PRESET = "sd15_lora"
 
@@ -24,17 +25,19 @@ class LoadPreset(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         names = list(preset_store.available())  # read again whenever ComfyUI asks for the node definitions
-        return io.Schema(
+        return node_schema(
             node_id="PG_LoadPreset",
-            display_name="PG Load Preset",
+            display_name="Personalization Preset Loader",
             category=TUNING_CATEGORY,
+            search_aliases=["load preset", "preset", "settings", "omega schedule", "tuning"],
             description=(
-                "A named preset as a weak model (the pair with the preset's omega schedule, as the Weak Model "
-                "Interpolator makes it) and the estimate and scales for the Personalization Guider. Lists the pack's "
+                "A named preset as a weak model (the pair with the preset's omega schedule, as the Personalization "
+                "Weak Model makes it) and the estimate and scales for the Personalization Guider. Lists the pack's "
                 "starting points (sd15_lora, sdxl_lora, sd15_dreambooth) and your saved presets."
             ),
             inputs=[
-                FinetunedPairSocket.Input("pair", tooltip="From Load Fine-tuned Pair: the weak model is made from it."),
+                FinetunedPairSocket.Input("pair", tooltip="From the Personalization Pair Loader: the weak model is made "
+                                          "from it."),
                 io.Combo.Input(
                     "preset",
                     options=names,
@@ -46,7 +49,8 @@ class LoadPreset(io.ComfyNode):
             outputs=[
                 WeakModelSocket.Output("weak_model", tooltip="For the Personalization Guider or the KSampler patch."),
                 io.Combo.Output("estimate", options=[e.value for e in Estimate],
-                                tooltip="The preset's estimate: connect to the guider's estimate."),
+                                tooltip="The preset's estimate: set the guider's estimate to it (the estimate widget "
+                                "chooses which scales the guider shows, so it takes no link)."),
                 io.Float.Output("guidance_scale", tooltip="lambda (lambda_t in three-way): connect to the guider's "
                                 "guidance_scale or the KSampler's cfg."),
                 io.Float.Output("personalization_scale", tooltip="lambda_p (three-way): connect to the guider's "
@@ -55,7 +59,8 @@ class LoadPreset(io.ComfyNode):
         )
 
     @classmethod
-    def fingerprint_inputs(cls, preset: str) -> str:
+    def fingerprint_inputs(cls, pair, preset: str) -> str:
+        # ComfyUI passes every input here, the linked pair as None; only the preset file's contents matter.
         return preset_store.fingerprint(preset)
 
     @classmethod
@@ -67,16 +72,26 @@ class LoadPreset(io.ComfyNode):
 
 
 class SavePreset(io.ComfyNode):
+    """Checks its values when it runs, not when the workflow is queued.
+
+    A node that fails ComfyUI's queue-time validation is dropped from the run when
+    other outputs of the workflow are valid, and the frontend then shows only a red
+    outline. This output node has no linked inputs, so ComfyUI runs it before any
+    other node: a refused preset stops the run at once, with its reason in the
+    error dialog.
+    """
+
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return node_schema(
             node_id="PG_SavePreset",
-            display_name="PG Save Preset",
+            display_name="Personalization Preset Saver",
             category=TUNING_CATEGORY,
+            search_aliases=["save preset", "preset", "settings", "tuning"],
             description=(
                 "Saves the values on its widgets as a named preset: ComfyUI/user/personalization_guidance/presets/"
-                "<name>.json, which PG Load Preset lists. The schedule widgets are the Weak Model Interpolator's, the "
-                "estimate and scales the Personalization Guider's."
+                "<name>.json, which the Personalization Preset Loader lists. The schedule widgets are the "
+                "Personalization Weak Model's, the estimate and scales the Personalization Guider's."
             ),
             inputs=[
                 io.String.Input(
@@ -89,12 +104,16 @@ class SavePreset(io.ComfyNode):
                     "description",
                     default="",
                     multiline=True,
-                    tooltip="What the preset is for (kept in the file; optional).",
+                    tooltip="What the preset is for (kept in the file; optional; at most 1000 characters).",
                 ),
-                *schedule_inputs(),
-                estimate_input(),
-                guidance_scale_input(),
-                personalization_scale_input(),
+                schedule_input(),
+                *interval_inputs(),
+                estimate_input(
+                    two_way=[guidance_scale_input()],
+                    three_way=[guidance_scale_input(), personalization_scale_input()],
+                    shown="Two-way shows guidance_scale (lambda); three-way guidance_scale (lambda_t) and "
+                    "personalization_scale (lambda_p).",
+                ),
                 io.Boolean.Input(
                     "overwrite",
                     default=False,
@@ -106,45 +125,37 @@ class SavePreset(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, name: str, guidance_start: float, guidance_end: float) -> bool | str:
-        # Naming guidance_start and guidance_end here turns off ComfyUI's range check for them: Preset does it.
-        if name is not None:
-            try:
-                check_preset_name(name.strip())
-            except GuidanceInputError as error:
-                return str(error)
-            if name.strip() in preset_store.shipped():
-                return f"{name.strip()!r} is a shipped preset, which stays as it is: save under another name."
-        if guidance_start is not None and guidance_end is not None and guidance_start > guidance_end:
-            return f"guidance_start ({guidance_start:g}) must not be after guidance_end ({guidance_end:g})."
-        return True
-
-    @classmethod
     def execute(
         cls,
         name: str,
         description: str,
-        schedule: str,
-        omega: float,
-        omega_end: float,
+        schedule: dict | str,
         guidance_start: float,
         guidance_end: float,
-        estimate: str,
-        guidance_scale: float,
-        personalization_scale: float,
+        estimate: dict | str,
         overwrite: bool,
+        omega: float | None = None,
+        omega_end: float | None = None,
+        guidance_scale: float | None = None,
+        personalization_scale: float | None = None,
     ) -> io.NodeOutput:
+        """``schedule`` and ``estimate`` as ComfyUI passes them; Python callers may pass their names and the values
+        they show as arguments."""
+        weak = schedule_of(schedule, guidance_start, guidance_end, omega=omega, omega_end=omega_end)
+        chosen = estimate_of(estimate, guidance_scale=guidance_scale, personalization_scale=personalization_scale)
+        lambda_t = chosen["guidance_scale"]
         preset = Preset(
             name=name.strip(),
             description=description.strip(),
-            schedule=schedule,
-            omega=omega,
-            omega_end=omega_end,
+            schedule=weak.shape,
+            omega=weak.omega_start,
+            omega_end=weak.omega_end,
             guidance_start=guidance_start,
             guidance_end=guidance_end,
-            estimate=preset_store.PRESET_OF_ESTIMATE[Estimate(estimate)],
-            guidance_scale=guidance_scale,
-            personalization_scale=personalization_scale,
+            estimate=preset_store.PRESET_OF_ESTIMATE[chosen.key],
+            guidance_scale=lambda_t,
+            # Two-way has one scale; a preset file holds both, and equal scales are the two-way estimate.
+            personalization_scale=chosen["personalization_scale"] if chosen.key == Estimate.THREE_WAY else lambda_t,
         )
         preset_store.write(preset, overwrite)
         return io.NodeOutput()

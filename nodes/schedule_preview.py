@@ -1,4 +1,4 @@
-"""PG Schedule Preview: omega and the estimate's weights at every step of the chosen sigmas, before sampling."""
+"""Personalization Schedule Preview (PG_SchedulePreview): omega and the estimate's weights at every step of the chosen sigmas, before sampling."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ from ..guidance import (
 )
 from .core.plot import Panel, Series, line_plot
 from .core.runtime import Estimate
-from .inputs import estimate_input, personalization_scale_input, weak_model_input
-from .tuning_inputs import TUNING_CATEGORY, guidance_scale_input
+from .core.schema import node_schema
+from .inputs import estimate_input, estimate_of, guidance_scale_input, personalization_scale_input, weak_model_input
+from .sockets import TUNING_CATEGORY
 
 OMEGA_COLOR = (31, 119, 180)
 WEIGHT_COLORS = {"D_ft(c)": (214, 39, 40), "D_ft(n)": (44, 160, 44), "D_w(null)": (148, 103, 189)}
@@ -56,10 +57,11 @@ def image_tensor(image) -> torch.Tensor:
 class SchedulePreview(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return node_schema(
             node_id="PG_SchedulePreview",
-            display_name="PG Schedule Preview",
+            display_name="Personalization Schedule Preview",
             category=TUNING_CATEGORY,
+            search_aliases=["schedule preview", "plot", "omega schedule", "weights per step", "tuning"],
             description=(
                 "Plots, for every step of the sigmas, omega(p) of the weak model and the weights the estimate puts "
                 "on D_ft(c), D_ft(n) and D_w(null): what the Personalization Guider (or the KSampler patch) will do, "
@@ -72,15 +74,22 @@ class SchedulePreview(io.ComfyNode):
                 ),
                 weak_model_input(),
                 io.Sigmas.Input("sigmas", tooltip="The sigmas you sample with (e.g. from BasicScheduler): one point per step."),
-                io.Conditioning.Input(
-                    "negative",
-                    optional=True,
-                    tooltip="Three-way: connect the guider's negative prompt, if it has one. Only whether one is "
-                    "connected matters: without one, n is the null prompt, and steps with omega 1 skip the weak model.",
+                estimate_input(
+                    two_way=[guidance_scale_input()],
+                    three_way=[
+                        io.Conditioning.Input(
+                            "negative",
+                            optional=True,
+                            tooltip="Connect the guider's negative prompt, if it has one. Only whether one is "
+                            "connected matters: without one, n is the null prompt, and steps with omega 1 skip the "
+                            "weak model.",
+                        ),
+                        guidance_scale_input(),
+                        personalization_scale_input(),
+                    ],
+                    shown="Set it as on the guider. Two-way shows guidance_scale (lambda); three-way the negative "
+                    "socket, guidance_scale (lambda_t) and personalization_scale (lambda_p).",
                 ),
-                estimate_input(),
-                guidance_scale_input(),
-                personalization_scale_input(),
             ],
             outputs=[
                 io.Image.Output("plot", tooltip="omega per step, and the weight of each prediction per step."),
@@ -94,19 +103,22 @@ class SchedulePreview(io.ComfyNode):
         model,
         weak_model,
         sigmas: torch.Tensor,
-        estimate: str,
-        guidance_scale: float,
-        personalization_scale: float,
+        estimate: dict | str,
+        guidance_scale: float | None = None,
+        personalization_scale: float | None = None,
         negative=None,
     ) -> io.NodeOutput:
-        estimate = Estimate(estimate)
+        """``estimate`` as ComfyUI passes it; Python callers may pass the estimate's name and its inputs as arguments."""
+        chosen = estimate_of(estimate, guidance_scale=guidance_scale, personalization_scale=personalization_scale,
+                             negative=negative)
+        estimate, guidance_scale, negative = chosen.key, chosen["guidance_scale"], chosen.get("negative")
         check_scale("guidance_scale", guidance_scale)
         three_way = estimate == Estimate.THREE_WAY
         if negative is not None and not three_way:
             raise GuidanceInputError(
                 "The two-way estimate has no negative prompt: set estimate to three-way, or disconnect negative."
             )
-        lambda_p = check_scale("personalization_scale", personalization_scale) if three_way else guidance_scale
+        lambda_p = check_scale("personalization_scale", chosen["personalization_scale"]) if three_way else guidance_scale
         values = [float(s) for s in sigmas.flatten()]
         if len(values) < 2:
             raise GuidanceInputError("The sigmas hold no sampling step: connect at least two sigmas (steps >= 1).")

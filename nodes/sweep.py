@@ -1,4 +1,4 @@
-"""PG Sweep: every combination of omega and lambda values, from the same noise, as a labelled grid.
+"""Personalization Sweep (PG_Sweep): every combination of omega and lambda values, from the same noise, as a labelled grid.
 
 Each combination is sampled as a Personalization Guider followed by
 SamplerCustomAdvanced and VAEDecode would sample it: the noise is generated once
@@ -38,12 +38,21 @@ from ..guidance import (
     parse_values,
     sweep_combinations,
 )
+from ..guidance.sweep import value_problems
 from .core.image_grid import labelled_grid
 from .core.runtime import Estimate, RowOmegasUnavailable, RowScales, WeakModel
 from .guider import make_guider
-from .inputs import estimate_input, model_input, personalization_scale_input
-from .sockets import WeakModelSocket
-from .tuning_inputs import TUNING_CATEGORY, guidance_scale_input
+from .core.modes import Mode, mode_input
+from .core.schema import node_schema
+from .inputs import (
+    estimate_input,
+    estimate_of,
+    guidance_scale_input,
+    model_input,
+    negative_input,
+    personalization_scale_input,
+)
+from .sockets import TUNING_CATEGORY, WeakModelSocket
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +63,13 @@ _EVALUATIONS = 3
 
 
 class SweptScale(str, Enum):
-    """Which of the guider's scales ``lambda_values`` sets."""
+    """Which of the guider's scales ``lambda_values`` sets (three-way; two-way has the one scale lambda)."""
 
-    GUIDANCE = "guidance_scale"
-    PERSONALIZATION = "personalization_scale (three-way)"
+    GUIDANCE = "guidance_scale (lambda_t)"
+    PERSONALIZATION = "personalization_scale (lambda_p)"
+
+
+LAMBDA_SWEEPS = "lambda_sweeps"
 
 
 def lambda_name(estimate: Estimate, swept: SweptScale) -> str:
@@ -106,13 +118,48 @@ def _check_lists(omega_values: str, lambda_values: str, batch_size: int = 1) -> 
     return sweep_combinations(omegas, lambdas, batch_size)
 
 
+def list_problems(omega_values: str | None, lambda_values: str | None) -> str | None:
+    """Every problem with the two lists, in one message (None when both are good or linked), for validate_inputs."""
+    found = []
+    for name, text, check in (("omega_values", omega_values, check_unit_interval),
+                              ("lambda_values", lambda_values, check_scale)):
+        if text is not None:
+            found += value_problems(name, text, check)[1]
+    if found:
+        return "; ".join(found) + "."
+    if omega_values is not None and lambda_values is not None:
+        try:
+            _check_lists(omega_values, lambda_values)
+        except GuidanceInputError as error:
+            return str(error)
+    return None
+
+
+def lambda_sweeps_input() -> io.DynamicCombo.Input:
+    """Three-way: which scale lambda_values sets; the other one keeps a widget of its own."""
+    return mode_input(
+        LAMBDA_SWEEPS,
+        {
+            SweptScale.GUIDANCE: [personalization_scale_input(
+                "lambda_p for every combination (lambda_values sets lambda_t). 1 turns personalization guidance "
+                "off (plain CFG with the negative).")],
+            SweptScale.PERSONALIZATION: [guidance_scale_input(
+                tooltip="lambda_t for every combination (lambda_values sets lambda_p). 1 samples "
+                "the fine-tuned model on the prompt alone.")],
+        },
+        tooltip="Which scale lambda_values sets: guidance_scale (lambda_t, the text scale) or personalization_scale "
+        "(lambda_p). The other is the widget shown below, the same for every combination.",
+    )
+
+
 class Sweep(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return node_schema(
             node_id="PG_Sweep",
-            display_name="PG Sweep",
+            display_name="Personalization Sweep",
             category=TUNING_CATEGORY,
+            search_aliases=["sweep", "grid", "XY plot", "omega lambda grid", "compare settings", "tuning"],
             description=(
                 "Samples every combination of the omega and lambda values from the same noise, with any sampler and "
                 "sigmas, and lays the images out in a grid: rows are omega, columns lambda, labelled. Takes what the "
@@ -125,18 +172,13 @@ class Sweep(io.ComfyNode):
                 model_input(),
                 WeakModelSocket.Input(
                     "weak_model",
-                    tooltip="From the Weak Model Interpolator. Only its pair is used: each omega value replaces its "
-                    "schedule with a constant omega over the whole run.",
+                    tooltip="From the Personalization Weak Model. Only its pair is used: each omega value replaces "
+                    "its schedule with a constant omega over the whole run.",
                 ),
                 io.Conditioning.Input("positive", tooltip="The prompt c, encoded with the pair's CLIP."),
                 io.Conditioning.Input(
                     "null_conditioning",
                     tooltip="The empty prompt \"\" encoded with the pair's CLIP (a CLIPTextEncode with no text).",
-                ),
-                io.Conditioning.Input(
-                    "negative",
-                    optional=True,
-                    tooltip="Three-way only: the negative prompt n. Leave unconnected to use the null prompt.",
                 ),
                 io.Noise.Input("noise", tooltip="The noise (e.g. RandomNoise): every combination starts from it."),
                 io.Sampler.Input("sampler", tooltip="Any sampler (e.g. KSamplerSelect)."),
@@ -144,7 +186,12 @@ class Sweep(io.ComfyNode):
                 io.Latent.Input("latent_image", tooltip="The latent to sample (e.g. EmptyLatentImage); its batch is "
                                 "sampled for every combination."),
                 io.Vae.Input("vae", tooltip="Decodes every combination's latent, as VAEDecode does."),
-                estimate_input(),
+                estimate_input(
+                    two_way=[],
+                    three_way=[negative_input(), lambda_sweeps_input()],
+                    shown="Two-way: lambda_values sets lambda. Three-way shows the negative socket and lambda_sweeps, "
+                    "which chooses the scale that lambda_values sets.",
+                ),
                 io.String.Input(
                     "omega_values",
                     default="0.3, 0.5, 0.7",
@@ -154,21 +201,10 @@ class Sweep(io.ComfyNode):
                 io.String.Input(
                     "lambda_values",
                     default="5, 7.5, 10",
-                    tooltip="The grid's columns: values from 0 to 100 for the scale that lambda_sweeps names, "
-                    "separated by commas (at most 8). 1 turns the guidance off (the fine-tuned model alone).",
+                    tooltip="The grid's columns: values from 0 to 100 of lambda (two-way) or of the scale that "
+                    "lambda_sweeps names (three-way), separated by commas (at most 8). 1 turns the guidance off (the "
+                    "fine-tuned model alone).",
                 ),
-                io.Combo.Input(
-                    "lambda_sweeps",
-                    options=SweptScale,
-                    default=SweptScale.GUIDANCE,
-                    tooltip="Which scale lambda_values sets: guidance_scale (lambda; lambda_t in three-way) or "
-                    "personalization_scale (lambda_p, three-way only). The other keeps its widget's value.",
-                ),
-                guidance_scale_input(
-                    "lambda_t for every combination when lambda_values sweeps the personalization scale; otherwise "
-                    "unused. 1 samples the fine-tuned model on the prompt alone."
-                ),
-                personalization_scale_input(),
             ],
             outputs=[
                 io.Image.Output("grid", tooltip="The labelled grid: rows omega, columns lambda. One grid per image of "
@@ -179,20 +215,9 @@ class Sweep(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, omega_values: str, lambda_values: str, estimate: str, lambda_sweeps: str) -> bool | str:
-        # Naming estimate and lambda_sweeps here turns off ComfyUI's own option check for them: done below.
-        for name, value, enum in (("estimate", estimate, Estimate), ("lambda_sweeps", lambda_sweeps, SweptScale)):
-            if value is not None and value not in {member.value for member in enum}:
-                return f"{name}: {value!r} is not one of {[member.value for member in enum]}."
-        if lambda_sweeps == SweptScale.PERSONALIZATION.value and estimate == Estimate.TWO_WAY.value:
-            return "lambda_values can sweep the personalization scale only with the three-way estimate."
-        if omega_values is None or lambda_values is None:
-            return True  # linked from another node: checked when the sweep runs
-        try:
-            _check_lists(omega_values, lambda_values)
-        except GuidanceInputError as error:
-            return str(error)
-        return True
+    def validate_inputs(cls, omega_values: str, lambda_values: str, *, estimate=None) -> bool | str:
+        # None: linked from another node, checked when the sweep runs. See core/modes.py on ``estimate``.
+        return list_problems(omega_values, lambda_values) or True
 
     @classmethod
     def execute(
@@ -206,17 +231,26 @@ class Sweep(io.ComfyNode):
         sigmas: torch.Tensor,
         latent_image: dict,
         vae,
-        estimate: str,
+        estimate: dict | str,
         omega_values: str,
         lambda_values: str,
-        lambda_sweeps: str,
-        guidance_scale: float,
-        personalization_scale: float,
+        lambda_sweeps: dict | str = SweptScale.GUIDANCE,
+        guidance_scale: float = 7.5,
+        personalization_scale: float = 3.0,
         negative=None,
     ) -> io.NodeOutput:
-        estimate, swept = Estimate(estimate), SweptScale(lambda_sweeps)
-        if swept == SweptScale.PERSONALIZATION and estimate != Estimate.THREE_WAY:
-            raise GuidanceInputError("lambda_values can sweep the personalization scale only with the three-way estimate.")
+        """``estimate`` as ComfyUI passes it; Python callers may pass the estimate's name, and in three-way
+        ``lambda_sweeps``, the scale it does not sweep, and ``negative``, as arguments."""
+        chosen = estimate_of(estimate, negative=negative, lambda_sweeps=lambda_sweeps)
+        estimate, negative = chosen.key, chosen.get("negative")
+        if estimate == Estimate.THREE_WAY:
+            swept = Mode.of(SweptScale, LAMBDA_SWEEPS, chosen[LAMBDA_SWEEPS], guidance_scale=guidance_scale,
+                            personalization_scale=personalization_scale)
+            guidance_scale = swept.get("guidance_scale", guidance_scale)
+            personalization_scale = swept.get("personalization_scale", personalization_scale)
+            swept = swept.key
+        else:
+            swept = SweptScale.GUIDANCE
         combinations = _check_lists(omega_values, lambda_values, latent_image["samples"].shape[0])
 
         def scales(lam):
@@ -229,7 +263,7 @@ class Sweep(io.ComfyNode):
         per_batch = combinations_per_batch(model, sampler, latent["samples"], noise_mask, len(combinations),
                                            pair=weak_model.pair)
         groups = [combinations[i:i + per_batch] for i in range(0, len(combinations), per_batch)]
-        log.info("PG Sweep: %d combinations in %d sampling run(s).", len(combinations), len(groups))
+        log.info("Personalization Sweep: %d combinations in %d sampling run(s).", len(combinations), len(groups))
 
         def guider_for(group):
             omega, lam = group[0]

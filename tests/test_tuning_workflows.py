@@ -1,4 +1,4 @@
-"""example_workflows/tuning_*.json: the sweep, schedule preview and preset examples say what they claim.
+"""example_workflows/Tuning, *.json: the sweep, schedule preview and preset examples say what they claim.
 
 Torch-only tier: no ComfyUI import. Their well-formedness against the node snapshot
 is checked with the other examples in test_example_workflows.py; the host tier
@@ -8,9 +8,10 @@ executes them (tests/host/test_tuning_host.py).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
-from test_example_workflows import SCHEMAS, by_type, load, origin_of, widgets
+from test_example_workflows import SCHEMAS, by_type, example, origin_of, widgets
 
 from guidance import check_scale, check_unit_interval, parse_preset, parse_values
 
@@ -20,7 +21,8 @@ ESTIMATE_LABELS = {"two-way": "two-way (paper)", "three-way": "three-way"}
 
 
 def test_the_tuning_examples_exist():
-    assert {p.stem for p in EXAMPLES.glob("tuning_*.json")} == {"tuning_sweep", "tuning_schedule_preview", "tuning_preset"}
+    assert {p.stem for p in EXAMPLES.glob("Tuning*.json")} == {
+        "Tuning, a sweep grid of omega and lambda", "Tuning, a schedule preview", "Tuning, presets"}
 
 
 def test_tuning_nodes_are_in_the_snapshot():
@@ -29,7 +31,7 @@ def test_tuning_nodes_are_in_the_snapshot():
 
 
 def test_sweep_example_sweeps_valid_lists_including_plain_cfg():
-    workflow = load(EXAMPLES / "tuning_sweep.json")
+    workflow = example("Tuning, a sweep")
     (sweep,) = by_type(workflow, "PG_Sweep")
     (pair,) = by_type(workflow, "PG_LoadFinetunedPair")
     values = widgets(sweep)
@@ -38,21 +40,33 @@ def test_sweep_example_sweeps_valid_lists_including_plain_cfg():
     assert 1.0 in omegas and len(omegas) * len(lambdas) > 1
     assert origin_of(workflow, sweep, "model") is pair and origin_of(workflow, sweep, "vae") is pair
     assert origin_of(workflow, origin_of(workflow, sweep, "sigmas"), "model") is pair
-    assert origin_of(workflow, sweep, "negative") is None and values["estimate"] == "two-way (paper)"
+    assert values["estimate"] == "two-way (paper)" and "estimate.negative" not in {i["name"] for i in sweep["inputs"]}
     kinds = {origin_of(workflow, n, "images")["type"] for n in workflow["nodes"] if n["type"] in ("SaveImage", "PreviewImage")}
     assert kinds == {"PG_Sweep"}
 
 
+def test_sweep_note_says_how_the_combinations_are_sampled():
+    """With a sampler that draws no noise (euler) the sweep batches every combination: one sampling run."""
+    workflow = example("Tuning, a sweep")
+    (sampler,) = by_type(workflow, "KSamplerSelect")
+    (note,) = by_type(workflow, "Note")
+    values = widgets(by_type(workflow, "PG_Sweep")[0])
+    count = len(values["omega_values"].split(",")) * len(values["lambda_values"].split(","))
+    assert widgets(sampler)["sampler_name"] == "euler"
+    text = note["widgets_values"][0]
+    assert f'"{count} combinations in 1 sampling run(s)"' in text
+    assert not re.search(r"one after the other: .* costs \d+ runs", text)
+
+
 def test_schedule_preview_example_is_wired_as_its_guider():
-    workflow = load(EXAMPLES / "tuning_schedule_preview.json")
+    workflow = example("Tuning, a schedule preview")
     (preview,) = by_type(workflow, "PG_SchedulePreview")
     (guider,) = by_type(workflow, "PG_PersonalizationGuider")
     (sampler,) = by_type(workflow, "SamplerCustomAdvanced")
     assert origin_of(workflow, preview, "weak_model") is origin_of(workflow, guider, "weak_model")
     assert origin_of(workflow, preview, "model") is origin_of(workflow, guider, "model")
     assert origin_of(workflow, preview, "sigmas") is origin_of(workflow, sampler, "sigmas")
-    for name in ("estimate", "guidance_scale", "personalization_scale"):
-        assert widgets(preview)[name] == widgets(guider)[name], name
+    assert widgets(preview) == widgets(guider)  # the estimate and the scales it shows
     weak = origin_of(workflow, preview, "weak_model")
     assert widgets(weak)["schedule"] != "constant"
     (plot,) = by_type(workflow, "PreviewImage")
@@ -60,7 +74,7 @@ def test_schedule_preview_example_is_wired_as_its_guider():
 
 
 def test_preset_example_loads_a_shipped_preset_and_uses_its_values():
-    workflow = load(EXAMPLES / "tuning_preset.json")
+    workflow = example("Tuning, presets")
     (load_preset,) = by_type(workflow, "PG_LoadPreset")
     (guider,) = by_type(workflow, "PG_PersonalizationGuider")
     (save,) = by_type(workflow, "PG_SavePreset")
@@ -68,8 +82,13 @@ def test_preset_example_loads_a_shipped_preset_and_uses_its_values():
     preset = parse_preset((ROOT / "presets" / f"{name}.json").read_bytes())
     assert origin_of(workflow, guider, "weak_model") is load_preset
     assert widgets(guider)["estimate"] == ESTIMATE_LABELS[preset.estimate.value]
-    assert widgets(guider)["guidance_scale"] == preset.guidance_scale
+    assert widgets(guider)["estimate.guidance_scale"] == preset.guidance_scale
     saved = widgets(save)
     assert saved["name"] != name and saved["overwrite"] is True
-    parse_preset(json.dumps({"version": 1, **{k: v for k, v in saved.items() if k != "overwrite"},
-                             "estimate": {v: k for k, v in ESTIMATE_LABELS.items()}[saved["estimate"]]}))
+    assert saved["estimate"] == "two-way (paper)" and saved["schedule"] == "constant"
+    parse_preset(json.dumps({
+        "version": 1, "name": saved["name"], "description": saved["description"], "schedule": saved["schedule"],
+        "omega": saved["schedule.omega"], "omega_end": saved["schedule.omega"], "guidance_start": saved["guidance_start"],
+        "guidance_end": saved["guidance_end"], "estimate": "two-way", "guidance_scale": saved["estimate.guidance_scale"],
+        "personalization_scale": saved["estimate.guidance_scale"],
+    }))

@@ -1,11 +1,19 @@
 """Writes example_workflows/*.json: UI-format workflows (frontend format 0.4) for ComfyUI's template browser.
 
-Each workflow is declared below as nodes (widget values by input name; the rest take
-their defaults) and edges by socket name. The slot indices, ``widgets_values`` order
-and link records come from the node snapshot ``tests/schemas/node_schemas.json``, so
-this needs no ComfyUI. Run it from anywhere after changing a workflow or the snapshot:
+Each workflow is declared below as columns of nodes (widget values by input name;
+the rest take their defaults) and edges by socket name. Inputs that a
+DynamicCombo adds are named as the frontend names them, ``<combo>.<input>``
+(``estimate.guidance_scale``). The slot indices, ``widgets_values`` order and link
+records come from the node snapshot ``tests/schemas/node_schemas.json``, so this
+needs no ComfyUI. Run it from anywhere after changing a workflow or the snapshot:
 
     python tools/build_example_workflows.py
+
+The template browser shows a workflow's file name as its title, so the files are
+named for people. Nodes are stacked in columns from their sizes, which are at
+least what the frontends of both supported ComfyUI versions compute for them
+(tools/frontend_check.mjs checks that no two nodes overlap there), and the saved
+view leaves room for the frontend's sidebar and menu bar.
 
 ``tests/test_example_workflows.py`` checks the output against the snapshot and the
 host tier executes it.
@@ -13,7 +21,10 @@ host tier executes it.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +32,18 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 SNAPSHOT = ROOT / "tests" / "schemas" / "node_schemas.json"
 OUT_DIR = ROOT / "example_workflows"
+
+
+def _schemas_module():
+    """tests/host/schemas.py (no ComfyUI import): how a node's inputs follow from its widget values."""
+    spec = importlib.util.spec_from_file_location("pg_node_schemas", ROOT / "tests" / "host" / "schemas.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(spec.name, module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return sys.modules[spec.name]
+
+
+schemas_module = _schemas_module()
 
 BASE = "v1-5-pruned-emaonly.safetensors"
 LORA = "my_subject_lora.safetensors"
@@ -30,11 +53,26 @@ NEGATIVE = "blurry, low quality, deformed, watermark"
 TWO_WAY, THREE_WAY = "two-way (paper)", "three-way"
 SEED = 42
 
+TITLE_HEIGHT = 30  # the frontend draws a node's title above its pos
+GAP = 40  # between a node's bottom and the next node's title, and between columns
+# Height of the pack's nodes in their tallest mode, as both frontends compute it (rounded up): the node below is
+# placed clear of it, so that switching a DynamicCombo (which resizes the node) covers nothing.
+TALLEST = {
+    "PG_LoadFinetunedPair": 190,
+    "PG_WeakModelInterpolator": 160,
+    "PG_PersonalizationGuider": 190,
+    "PG_PersonalizationGuidanceModel": 130,
+    "PG_Sweep": 340,
+    "PG_SchedulePreview": 170,
+    "PG_SavePreset": 330,
+}
+# The saved view: scale, and an offset that keeps the first column clear of the sidebar and the menu bar.
+VIEW = {"scale": 0.75, "offset": [110, 70]}
+
 
 @dataclass
 class Node:
     type: str
-    pos: tuple[int, int]
     size: tuple[int, int]
     widgets: dict[str, Any] = field(default_factory=dict)
     title: str | None = None
@@ -42,27 +80,56 @@ class Node:
 
 @dataclass
 class Workflow:
+    title: str  # the file name, which the template browser shows
+    columns: list[tuple[int, list[str]]]  # (x, node keys from top to bottom); "note" places the note
     nodes: dict[str, Node]
     edges: list[tuple[str, str, str, str]]  # (from node, output name, to node, input name)
-    note: tuple[str, tuple[int, int], tuple[int, int]]  # (text, pos, size)
+    note: tuple[str, tuple[int, int]]  # (text, size)
+
+    @property
+    def slug(self) -> str:
+        return slug(self.title)
 
 
-def _widget_values(spec: dict, node: Node) -> list:
-    widgets = [i for i in spec["inputs"] if i["widget"]]
-    unknown = set(node.widgets) - {i["name"] for i in widgets}
+def slug(title: str) -> str:
+    """The workflow's name in code and file names: 'LoRA pair, two-way guider' -> 'lora_pair_two_way_guider'."""
+    return re.sub(r"[^a-z0-9]+", "_", title.lower()).strip("_")
+
+
+def _layout(spec: dict, node: Node) -> tuple[list, list]:
+    """The node's ``widgets_values`` and the inputs it shows (full names), defaults for what it leaves out."""
+    names = set()
+
+    def walk(entries, prefix):
+        values, shown = [], []
+        for entry in entries:
+            name = prefix + entry["name"]
+            shown.append((name, entry))
+            if not entry["widget"]:
+                continue
+            names.add(name)
+            if name in node.widgets:
+                value = node.widgets[name]
+            elif entry["type"] == schemas_module.DYNAMIC_COMBO:
+                value = next(iter(entry["modes"]))  # the frontend selects the first option
+            elif "default" in entry:
+                value = entry["default"]
+            else:
+                raise KeyError(f"{node.type}.{name} has no default: give a value")
+            values.append(value)
+            if entry.get("control_after_generate"):
+                values.append("fixed")
+            if entry["type"] == schemas_module.DYNAMIC_COMBO:
+                more_values, more_shown = walk(entry["modes"][value], name + ".")
+                values += more_values
+                shown += more_shown
+        return values, shown
+
+    values, shown = walk(spec["inputs"], "")
+    unknown = set(node.widgets) - names
     if unknown:
-        raise KeyError(f"{node.type} has no widget {sorted(unknown)}")
-    values = []
-    for entry in widgets:
-        if entry["name"] in node.widgets:
-            values.append(node.widgets[entry["name"]])
-        elif "default" in entry:
-            values.append(entry["default"])
-        else:
-            raise KeyError(f"{node.type}.{entry['name']} has no default: give a value")
-        if entry["control_after_generate"]:
-            values.append("fixed")
-    return values
+        raise KeyError(f"{node.type} shows no widget {sorted(unknown)} with these values")
+    return values, shown
 
 
 def _order(ids: list[int], links: list[list]) -> dict[int, int]:
@@ -76,17 +143,40 @@ def _order(ids: list[int], links: list[list]) -> dict[int, int]:
     return order
 
 
+def _positions(workflow: Workflow) -> dict[str, tuple[int, int]]:
+    """Each node's pos: its column's x, stacked below the one above with a gap (the title sits above pos)."""
+    positions = {}
+    for x, keys in workflow.columns:
+        y = 140
+        for key in keys:
+            positions[key] = (x, y)
+            if key == "note":
+                height = workflow.note[1][1]
+            else:
+                node = workflow.nodes[key]
+                height = max(node.size[1], TALLEST.get(node.type, 0))
+            y += height + GAP + TITLE_HEIGHT
+    return positions
+
+
 def build(workflow: Workflow, schemas: dict[str, dict]) -> dict[str, Any]:
     keys = list(workflow.nodes)
     ids = {key: n for n, key in enumerate(keys, start=1)}
     note_id = len(keys) + 1
-    sockets = {key: [i for i in schemas[node.type]["inputs"] if not i["widget"]] for key, node in workflow.nodes.items()}
+    layouts = {key: _layout(schemas[node.type], node) for key, node in workflow.nodes.items()}
+    # The frontend lists a node's sockets first, then its widget inputs in widget order; the inputs a
+    # DynamicCombo adds follow the combo, sockets among them in the option's order.
+    slots = {}
+    for key, (_values, shown) in layouts.items():
+        top_sockets = [(name, entry) for name, entry in shown if not entry["widget"] and "." not in name]
+        slots[key] = top_sockets + [(name, entry) for name, entry in shown if entry["widget"] or "." in name]
+    positions = _positions(workflow)
 
     links = []
     for link_id, (src, output, dst, input_name) in enumerate(workflow.edges, start=1):
         outputs = schemas[workflow.nodes[src].type]["outputs"]
         slot = [o["name"] for o in outputs].index(output)
-        to_slot = [i["name"] for i in sockets[dst]].index(input_name)
+        to_slot = [name for name, _ in slots[dst]].index(input_name)
         links.append([link_id, ids[src], slot, ids[dst], to_slot, outputs[slot]["type"]])
     order = _order(list(ids.values()) + [note_id], links)
 
@@ -94,24 +184,29 @@ def build(workflow: Workflow, schemas: dict[str, dict]) -> dict[str, Any]:
     for key, node in workflow.nodes.items():
         spec, node_id = schemas[node.type], ids[key]
         inputs = []
-        for entry in sockets[key]:
-            linked = [link[0] for link in links if link[3] == node_id and link[4] == len(inputs)]
-            inputs.append({"name": entry["name"], "type": entry["type"], "link": linked[0] if linked else None,
-                           **({} if entry["required"] else {"shape": 7})})
-        inputs += [{"name": i["name"], "type": i["type"], "widget": {"name": i["name"]}, "link": None}
-                   for i in spec["inputs"] if i["widget"]]
+        for slot, (name, entry) in enumerate(slots[key]):
+            linked = [link[0] for link in links if link[3] == node_id and link[4] == slot]
+            item = {"name": name, "type": entry["type"]}
+            if "." in name and not entry["widget"]:
+                item["label"] = entry["name"]  # the frontend labels a DynamicCombo's sockets with their own name
+            if entry["widget"]:
+                item["widget"] = {"name": name}
+            item["link"] = linked[0] if linked else None
+            if not entry["required"] and not entry["widget"]:
+                item["shape"] = 7
+            inputs.append(item)
         outputs = [{"name": o["name"], "type": o["type"], "slot_index": slot,
                     "links": [link[0] for link in links if link[1] == node_id and link[2] == slot]}
                    for slot, o in enumerate(spec["outputs"])]
         nodes.append({
-            "id": node_id, "type": node.type, "pos": list(node.pos), "size": list(node.size), "flags": {},
+            "id": node_id, "type": node.type, "pos": list(positions[key]), "size": list(node.size), "flags": {},
             "order": order[node_id], "mode": 0, "inputs": inputs, "outputs": outputs,
             **({"title": node.title} if node.title else {}),
             "properties": {"Node name for S&R": node.type},
-            "widgets_values": _widget_values(spec, node),
+            "widgets_values": layouts[key][0],
         })
-    text, pos, size = workflow.note
-    nodes.append({"id": note_id, "type": "Note", "pos": list(pos), "size": list(size), "flags": {},
+    text, size = workflow.note
+    nodes.append({"id": note_id, "type": "Note", "pos": list(positions["note"]), "size": list(size), "flags": {},
                   "order": order[note_id], "mode": 0, "inputs": [], "outputs": [], "title": "What to tune",
                   "properties": {}, "widgets_values": [text], "color": "#432", "bgcolor": "#653"})
 
@@ -122,18 +217,41 @@ def build(workflow: Workflow, schemas: dict[str, dict]) -> dict[str, Any]:
         "links": links,
         "groups": [],
         "config": {},
-        "extra": {"ds": {"scale": 0.75, "offset": [0, 0]}},
+        "extra": {"ds": json.loads(json.dumps(VIEW))},
         "version": 0.4,
     }
 
 
-def _prompts(x: int, y: int, negative: bool) -> dict[str, Node]:
+# ------------------------------------------------------------------------------------------- the building blocks
+
+COLUMNS = (40, 500, 980, 1390, 1790)  # pair and note; weak model and prompts; guidance; sampler; decode and save
+NOTE_SIZE = (400, 330)
+
+
+def _pair(personalization: str = "LoRA") -> Node:
+    if personalization == "LoRA":
+        widgets = {"personalization": "LoRA", "personalization.lora_name": LORA, "personalization.lora_strength": 1.0}
+    else:
+        widgets = {"personalization": "fine-tuned checkpoint", "personalization.finetuned_checkpoint": DREAMBOOTH}
+    return Node("PG_LoadFinetunedPair", (400, 190 if personalization == "LoRA" else 170), {"base_checkpoint": BASE, **widgets})
+
+
+def _weak(schedule: str = "constant", omega: float = 0.5, omega_end: float | None = None, guidance_start: float = 0.0,
+          guidance_end: float = 1.0, title: str | None = None) -> Node:
+    widgets = {"schedule": schedule, "schedule.omega": omega, "guidance_start": guidance_start,
+               "guidance_end": guidance_end}
+    if omega_end is not None:
+        widgets["schedule.omega_end"] = omega_end
+    return Node("PG_WeakModelInterpolator", (420, 130 if schedule == "constant" else 160), widgets, title)
+
+
+def _prompts(negative: bool) -> dict[str, Node]:
     nodes = {
-        "positive": Node("CLIPTextEncode", (x, y), (420, 150), {"text": PROMPT}, "Prompt (c)"),
-        "null": Node("CLIPTextEncode", (x, y + 200), (420, 100), {"text": ""}, "Null prompt: leave empty"),
+        "positive": Node("CLIPTextEncode", (420, 150), {"text": PROMPT}, "Prompt (c)"),
+        "null": Node("CLIPTextEncode", (420, 100), {"text": ""}, "Null prompt: leave empty"),
     }
     if negative:
-        nodes["negative"] = Node("CLIPTextEncode", (x, y + 350), (420, 120), {"text": NEGATIVE}, "Negative prompt (n)")
+        nodes["negative"] = Node("CLIPTextEncode", (420, 120), {"text": NEGATIVE}, "Negative prompt (n)")
     return nodes
 
 
@@ -142,16 +260,22 @@ def _text_edges(negative: bool) -> list[tuple[str, str, str, str]]:
     return [("pair", "clip", name, "clip") for name in names]
 
 
+def _sampling_inputs(steps: int = 25) -> dict[str, Node]:
+    return {
+        "noise": Node("RandomNoise", (360, 90), {"noise_seed": SEED}),
+        "sampler": Node("KSamplerSelect", (360, 60), {"sampler_name": "euler"}),
+        "sigmas": Node("BasicScheduler", (360, 110), {"scheduler": "normal", "steps": steps, "denoise": 1.0}),
+        "latent": Node("EmptyLatentImage", (360, 110), {"width": 512, "height": 512, "batch_size": 1}),
+    }
+
+
 def _custom_advanced_tail(guider: Node) -> tuple[dict[str, Node], list]:
     nodes = {
         "guider": guider,
-        "noise": Node("RandomNoise", (1010, 470), (320, 90), {"noise_seed": SEED}),
-        "sampler": Node("KSamplerSelect", (1010, 600), (320, 60), {"sampler_name": "euler"}),
-        "sigmas": Node("BasicScheduler", (1010, 700), (320, 110), {"scheduler": "normal", "steps": 25, "denoise": 1.0}),
-        "latent": Node("EmptyLatentImage", (1010, 850), (320, 110), {"width": 512, "height": 512, "batch_size": 1}),
-        "sample": Node("SamplerCustomAdvanced", (1380, 140), (300, 330)),
-        "decode": Node("VAEDecode", (1730, 140), (210, 50)),
-        "save": Node("SaveImage", (1730, 240), (420, 460), {"filename_prefix": "personalization_guidance"}),
+        **_sampling_inputs(),
+        "sample": Node("SamplerCustomAdvanced", (320, 330)),
+        "decode": Node("VAEDecode", (220, 50)),
+        "save": Node("SaveImage", (420, 460), {"filename_prefix": "personalization_guidance"}),
     }
     edges = [
         ("pair", "finetuned_model", "guider", "model"),
@@ -171,45 +295,51 @@ def _custom_advanced_tail(guider: Node) -> tuple[dict[str, Node], list]:
     return nodes, edges
 
 
+def _guider(estimate: str, title: str | None = None, **scales) -> Node:
+    widgets = {"estimate": estimate, **{f"estimate.{k}": v for k, v in scales.items()}}
+    return Node("PG_PersonalizationGuider", (360, 190 if estimate == THREE_WAY else 150), widgets, title)
+
+
+def _columns(middle: list[str], guidance: list[str], sampler: list[str], last: list[str],
+             first: tuple[str, ...] = ("pair", "note")) -> list:
+    return [(COLUMNS[0], list(first)), (COLUMNS[1], middle), (COLUMNS[2], guidance), (COLUMNS[3], sampler),
+            (COLUMNS[4], last)]
+
+
+GUIDANCE_COLUMN = ["guider", "noise", "sampler", "sigmas", "latent"]
+
+
+# ----------------------------------------------------------------------------------------------- the workflows
+
+
 def lora_sampler_custom_advanced() -> Workflow:
-    tail, tail_edges = _custom_advanced_tail(
-        Node("PG_PersonalizationGuider", (1010, 140), (320, 270), {"estimate": TWO_WAY, "guidance_scale": 7.5}))
+    tail, tail_edges = _custom_advanced_tail(_guider(TWO_WAY, guidance_scale=7.5))
     return Workflow(
-        nodes={
-            "pair": Node("PG_LoadFinetunedPair", (40, 140), (400, 200),
-                         {"base_checkpoint": BASE, "personalization": "LoRA", "lora_name": LORA, "lora_strength": 1.0}),
-            "weak": Node("PG_WeakModelInterpolator", (520, 140), (420, 200), {"schedule": "constant", "omega": 0.5}),
-            **_prompts(520, 400, negative=False),
-            **tail,
-        },
+        title="LoRA pair, two-way guider",
+        columns=_columns(["weak", "positive", "null"], GUIDANCE_COLUMN, ["sample"], ["decode", "save"]),
+        nodes={"pair": _pair(), "weak": _weak(), **_prompts(negative=False), **tail},
         edges=[("pair", "pair", "weak", "pair"), *_text_edges(False), *tail_edges],
         note=(
             "Personalization guidance (arXiv 2508.00319), two-way: the weak model on the empty prompt guides the "
             "fine-tuned model, at the cost of CFG.\n\n"
-            "omega (Weak Model Interpolator): how much of the LoRA the weak model keeps. 1 = plain CFG on the "
+            "omega (Personalization Weak Model): how much of the LoRA the weak model keeps. 1 = plain CFG on the "
             "fine-tuned model; lower pulls harder toward the personalized subject (0 = base model). Start at 0.5.\n\n"
             "guidance_scale (lambda): as CFG's scale; 1 = the fine-tuned model alone.\n\n"
             "Keep the null prompt empty, and sample (and schedule) with the fine-tuned model.",
-            (40, 420), (400, 330),
+            NOTE_SIZE,
         ),
     )
 
 
 def full_checkpoint() -> Workflow:
     tail, tail_edges = _custom_advanced_tail(
-        Node("PG_PersonalizationGuider", (1010, 140), (320, 270),
-             {"estimate": THREE_WAY, "guidance_scale": 7.5, "personalization_scale": 3.0}))
+        _guider(THREE_WAY, guidance_scale=7.5, personalization_scale=3.0))
     return Workflow(
-        nodes={
-            "pair": Node("PG_LoadFinetunedPair", (40, 140), (400, 200),
-                         {"base_checkpoint": BASE, "personalization": "fine-tuned checkpoint",
-                          "finetuned_checkpoint": DREAMBOOTH}),
-            "weak": Node("PG_WeakModelInterpolator", (520, 140), (420, 200), {"schedule": "constant", "omega": 0.5}),
-            **_prompts(520, 400, negative=True),
-            **tail,
-        },
+        title="DreamBooth pair, three-way with a negative prompt",
+        columns=_columns(["weak", "positive", "null", "negative"], GUIDANCE_COLUMN, ["sample"], ["decode", "save"]),
+        nodes={"pair": _pair("fine-tuned checkpoint"), "weak": _weak(), **_prompts(negative=True), **tail},
         edges=[("pair", "pair", "weak", "pair"), *_text_edges(True), *tail_edges,
-               ("negative", "CONDITIONING", "guider", "negative")],
+               ("negative", "CONDITIONING", "guider", "estimate.negative")],
         note=(
             "Full fine-tuned checkpoint (DreamBooth) against its base; three-way estimate (this pack's extension) "
             "for a negative prompt.\n\n"
@@ -219,27 +349,26 @@ def full_checkpoint() -> Workflow:
             "omega: how much of the fine-tune the weak model keeps (1 = the fine-tuned model itself, 0 = the "
             "base). Start at 0.5.\n\n"
             "Two full checkpoints are resident while sampling.",
-            (40, 420), (400, 330),
+            NOTE_SIZE,
         ),
     )
 
 
 def ksampler_scheduled_omega() -> Workflow:
     return Workflow(
+        title="KSampler, omega rising over the run",
+        columns=_columns(["weak", "positive", "null"], ["patch", "latent"], ["sample"], ["decode", "save"]),
         nodes={
-            "pair": Node("PG_LoadFinetunedPair", (40, 140), (400, 200),
-                         {"base_checkpoint": BASE, "personalization": "LoRA", "lora_name": LORA, "lora_strength": 1.0}),
-            "weak": Node("PG_WeakModelInterpolator", (520, 140), (420, 200),
-                         {"schedule": "cosine", "omega": 0.2, "omega_end": 1.0, "guidance_start": 0.0,
-                          "guidance_end": 0.8}),
-            **_prompts(520, 400, negative=False),
-            "patch": Node("PG_PersonalizationGuidanceModel", (1010, 140), (320, 130), {"estimate": TWO_WAY}),
-            "latent": Node("EmptyLatentImage", (1010, 470), (320, 110), {"width": 512, "height": 512, "batch_size": 1}),
-            "sample": Node("KSampler", (1380, 140), (320, 270),
+            "pair": _pair(),
+            "weak": _weak("cosine", 0.2, omega_end=1.0, guidance_start=0.0, guidance_end=0.8),
+            **_prompts(negative=False),
+            "patch": Node("PG_PersonalizationGuidanceModel", (360, 90), {"estimate": TWO_WAY}),
+            "latent": Node("EmptyLatentImage", (360, 110), {"width": 512, "height": 512, "batch_size": 1}),
+            "sample": Node("KSampler", (320, 270),
                            {"seed": SEED, "steps": 25, "cfg": 7.5, "sampler_name": "euler", "scheduler": "normal",
                             "denoise": 1.0}),
-            "decode": Node("VAEDecode", (1750, 140), (210, 50)),
-            "save": Node("SaveImage", (1750, 240), (420, 460), {"filename_prefix": "personalization_guidance"}),
+            "decode": Node("VAEDecode", (220, 50)),
+            "save": Node("SaveImage", (420, 460), {"filename_prefix": "personalization_guidance"}),
         },
         edges=[
             ("pair", "pair", "weak", "pair"),
@@ -260,27 +389,25 @@ def ksampler_scheduled_omega() -> Workflow:
             "Scheduled omega: cosine from omega 0.2 (strong pull toward the subject) to omega_end 1.0 over the first "
             "80% of sampling (guidance_start 0 to guidance_end 0.8); after that, plain CFG. guidance_end < 1 leaves "
             "the last, detail-forming steps to the fine-tuned model.",
-            (40, 420), (400, 330),
+            NOTE_SIZE,
         ),
     )
 
 
 def tuning_sweep() -> Workflow:
     return Workflow(
+        title="Tuning, a sweep grid of omega and lambda",
+        columns=_columns(["weak", "positive", "null"], ["sweep", "noise", "sampler", "sigmas", "latent"],
+                         ["save_grid"], ["preview_images"]),
         nodes={
-            "pair": Node("PG_LoadFinetunedPair", (40, 140), (400, 200),
-                         {"base_checkpoint": BASE, "personalization": "LoRA", "lora_name": LORA, "lora_strength": 1.0}),
-            "weak": Node("PG_WeakModelInterpolator", (520, 140), (420, 200), {"schedule": "constant", "omega": 0.5},
-                         "Weak Model Interpolator (the sweep uses its pair)"),
-            **_prompts(520, 400, negative=False),
-            "noise": Node("RandomNoise", (1010, 470), (320, 90), {"noise_seed": SEED}),
-            "sampler": Node("KSamplerSelect", (1010, 600), (320, 60), {"sampler_name": "euler"}),
-            "sigmas": Node("BasicScheduler", (1010, 700), (320, 110), {"scheduler": "normal", "steps": 20, "denoise": 1.0}),
-            "latent": Node("EmptyLatentImage", (1010, 850), (320, 110), {"width": 512, "height": 512, "batch_size": 1}),
-            "sweep": Node("PG_Sweep", (1010, 140), (340, 300),
+            "pair": _pair(),
+            "weak": _weak(title="Personalization Weak Model (the sweep uses its pair)"),
+            **_prompts(negative=False),
+            "sweep": Node("PG_Sweep", (380, 270),
                           {"estimate": TWO_WAY, "omega_values": "0.3, 0.5, 0.7, 1", "lambda_values": "4, 7.5, 11"}),
-            "save_grid": Node("SaveImage", (1400, 140), (520, 560), {"filename_prefix": "pg_sweep_grid"}),
-            "preview_images": Node("PreviewImage", (1400, 740), (520, 300)),
+            **{key: node for key, node in _sampling_inputs(steps=20).items()},
+            "save_grid": Node("SaveImage", (360, 460), {"filename_prefix": "pg_sweep_grid"}),
+            "preview_images": Node("PreviewImage", (420, 460)),
         },
         edges=[
             ("pair", "pair", "weak", "pair"),
@@ -299,32 +426,33 @@ def tuning_sweep() -> Workflow:
             ("sweep", "images", "preview_images", "images"),
         ],
         note=(
-            "PG Sweep: every omega (rows) and lambda (columns) from the same noise, in one queue, as a labelled "
-            "grid. Each image is exactly what the Personalization Guider samples with those values.\n\n"
+            "Personalization Sweep: every omega (rows) and lambda (columns) from the same noise, in one queue, as a "
+            "labelled grid. Each image is what the Personalization Guider samples with those values.\n\n"
             "omega_values and lambda_values: numbers separated by commas, at most 8 each (64 images in all). Keep "
             "omega 1 as the reference row: it is plain CFG on the fine-tuned model.\n\n"
-            "Combinations are sampled one after the other: 4 x 3 here costs 12 runs. Tune at few steps, then "
-            "sample the winner with the Personalization Guider (or save it with PG Save Preset).",
-            (40, 420), (400, 330),
+            "With euler, as here, all 4 x 3 combinations are sampled together as one batch (the log says \"12 "
+            "combinations in 1 sampling run(s)\"); a sampler that adds noise of its own (ancestral, SDE) samples them "
+            "one after another. Tune at few steps, then sample the winner with the Personalization Guider (or save "
+            "it with the Preset Saver).",
+            NOTE_SIZE,
         ),
     )
 
 
 def tuning_schedule_preview() -> Workflow:
-    tail, tail_edges = _custom_advanced_tail(
-        Node("PG_PersonalizationGuider", (1010, 140), (320, 270), {"estimate": TWO_WAY, "guidance_scale": 7.5}))
+    tail, tail_edges = _custom_advanced_tail(_guider(TWO_WAY, guidance_scale=7.5))
     return Workflow(
+        title="Tuning, a schedule preview",
+        columns=_columns(["weak", "positive", "null"], GUIDANCE_COLUMN, ["sample", "schedule_preview"],
+                         ["decode", "save", "preview_plot"]),
         nodes={
-            "pair": Node("PG_LoadFinetunedPair", (40, 140), (400, 200),
-                         {"base_checkpoint": BASE, "personalization": "LoRA", "lora_name": LORA, "lora_strength": 1.0}),
-            "weak": Node("PG_WeakModelInterpolator", (520, 140), (420, 200),
-                         {"schedule": "cosine", "omega": 0.2, "omega_end": 1.0, "guidance_start": 0.0,
-                          "guidance_end": 0.8}),
-            **_prompts(520, 400, negative=False),
+            "pair": _pair(),
+            "weak": _weak("cosine", 0.2, omega_end=1.0, guidance_start=0.0, guidance_end=0.8),
+            **_prompts(negative=False),
             **tail,
-            "schedule_preview": Node("PG_SchedulePreview", (1380, 520), (300, 200),
-                                     {"estimate": TWO_WAY, "guidance_scale": 7.5}),
-            "preview_plot": Node("PreviewImage", (1730, 760), (560, 400)),
+            "schedule_preview": Node("PG_SchedulePreview", (320, 130),
+                                     {"estimate": TWO_WAY, "estimate.guidance_scale": 7.5}),
+            "preview_plot": Node("PreviewImage", (560, 400)),
         },
         edges=[
             ("pair", "pair", "weak", "pair"), *_text_edges(False), *tail_edges,
@@ -334,12 +462,12 @@ def tuning_schedule_preview() -> Workflow:
             ("schedule_preview", "plot", "preview_plot", "images"),
         ],
         note=(
-            "PG Schedule Preview plots omega(p) at every step of the sigmas, and the weight the estimate puts on "
-            "each prediction, before you sample. Wire it as the guider: same weak model, same sigmas, same "
-            "estimate and scales.\n\n"
+            "Personalization Schedule Preview plots omega(p) at every step of the sigmas, and the weight the "
+            "estimate puts on each prediction, before you sample. Wire it as the guider: same weak model, same "
+            "sigmas, same estimate and scales.\n\n"
             "Here omega rises (cosine) from 0.2 to 1 over the first 80% of sampling, then stays 1: plain CFG.\n\n"
             "To look before sampling, mute Save Image (select it, Ctrl+M) and queue: only the plot is made.",
-            (40, 420), (400, 330),
+            NOTE_SIZE,
         ),
     )
 
@@ -351,56 +479,64 @@ def _shipped_preset(name: str) -> dict[str, Any]:
 def tuning_preset() -> Workflow:
     preset = _shipped_preset("sd15_lora")
     estimate = {"two-way": TWO_WAY, "three-way": THREE_WAY}[preset["estimate"]]
-    tail, tail_edges = _custom_advanced_tail(
-        Node("PG_PersonalizationGuider", (1010, 140), (320, 270),
-             {"estimate": estimate, "guidance_scale": preset["guidance_scale"],
-              "personalization_scale": preset["personalization_scale"]},
-             "Personalization Guider (values of the preset)"))
+    scales = {"guidance_scale": preset["guidance_scale"]}
+    if estimate == THREE_WAY:
+        scales["personalization_scale"] = preset["personalization_scale"]
+    tail, tail_edges = _custom_advanced_tail(_guider(estimate, "Personalization Guider (values of the preset)",
+                                                     **scales))
     return Workflow(
+        title="Tuning, presets",
+        columns=_columns(["weak", "positive", "null"], GUIDANCE_COLUMN, ["sample"], ["decode", "save"],
+                         first=("pair", "note", "save_preset")),
         nodes={
-            "pair": Node("PG_LoadFinetunedPair", (40, 140), (400, 200),
-                         {"base_checkpoint": BASE, "personalization": "LoRA", "lora_name": LORA, "lora_strength": 1.0}),
-            "weak": Node("PG_LoadPreset", (520, 140), (420, 130), {"preset": preset["name"]}),
-            **_prompts(520, 400, negative=False),
+            "pair": _pair(),
+            "weak": Node("PG_LoadPreset", (420, 120), {"preset": preset["name"]}),
+            **_prompts(negative=False),
             **tail,
-            "save_preset": Node("PG_SavePreset", (40, 800), (400, 420),
+            "save_preset": Node("PG_SavePreset", (400, 290),
                                 {"name": "my_sd15_subject", "description": "sd15_lora with a stronger pull (omega 0.4)",
-                                 "schedule": preset["schedule"], "omega": 0.4, "omega_end": 0.4,
+                                 "schedule": preset["schedule"], "schedule.omega": 0.4,
                                  "guidance_start": preset["guidance_start"], "guidance_end": preset["guidance_end"],
-                                 "estimate": estimate, "guidance_scale": preset["guidance_scale"],
-                                 "personalization_scale": preset["personalization_scale"], "overwrite": True}),
+                                 "estimate": estimate, **{f"estimate.{k}": v for k, v in scales.items()},
+                                 "overwrite": True}),
         },
         edges=[("pair", "pair", "weak", "pair"), *_text_edges(False), *tail_edges],
         note=(
-            "PG Load Preset: a named starting point (here sd15_lora, for an SD1.5 subject LoRA) as a weak model with "
-            "the preset's omega schedule. Its estimate, guidance_scale and personalization_scale outputs hold the "
-            "preset's scales: drag them onto the guider's widgets of the same names to follow the preset (here "
-            "they are typed in with the same values).\n\n"
-            "PG Save Preset writes its widgets to ComfyUI/user/personalization_guidance/presets/<name>.json each "
-            "time this runs (overwrite on). Press R to see it in PG Load Preset's list. Rename it for your own "
-            "presets, or delete the node.",
-            (40, 420), (400, 330),
+            "Personalization Preset Loader: a named starting point (here sd15_lora, for an SD1.5 subject LoRA) as a "
+            "weak model with the preset's omega schedule. Its guidance_scale and personalization_scale outputs hold "
+            "the preset's scales: drag them onto the guider's widgets of the same names to follow the preset (here "
+            "they are typed in with the same values). Set the guider's estimate to the preset's.\n\n"
+            "Personalization Preset Saver (below) writes its widgets to ComfyUI/user/personalization_guidance/presets/"
+            "<name>.json each time this runs (overwrite on). Press R to see it in the loader's list. Rename it for "
+            "your own presets, or delete the node.",
+            NOTE_SIZE,
         ),
     )
 
 
 WORKFLOWS = {
-    "personalization_lora_sampler_custom_advanced": lora_sampler_custom_advanced,
-    "personalization_full_checkpoint": full_checkpoint,
-    "personalization_ksampler_scheduled_omega": ksampler_scheduled_omega,
-    "tuning_sweep": tuning_sweep,
-    "tuning_schedule_preview": tuning_schedule_preview,
-    "tuning_preset": tuning_preset,
+    make().slug: make
+    for make in (lora_sampler_custom_advanced, full_checkpoint, ksampler_scheduled_omega, tuning_sweep,
+                 tuning_schedule_preview, tuning_preset)
 }
+
+
+def file_of(workflow: Workflow) -> Path:
+    return OUT_DIR / f"{workflow.title}.json"
 
 
 def main() -> None:
     schemas = json.loads(SNAPSHOT.read_text())["nodes"]
     OUT_DIR.mkdir(exist_ok=True)
-    for name, make in WORKFLOWS.items():
-        path = OUT_DIR / f"{name}.json"
-        path.write_text(json.dumps(build(make(), schemas), indent=2) + "\n")
+    written = set()
+    for make in WORKFLOWS.values():
+        workflow = make()
+        path = file_of(workflow)
+        path.write_text(json.dumps(build(workflow, schemas), indent=2) + "\n")
+        written.add(path.name)
         print(f"wrote {path.relative_to(ROOT)}")
+    for stale in sorted(p for p in OUT_DIR.glob("*.json") if p.name not in written):
+        print(f"not written by this generator (remove it?): {stale.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":

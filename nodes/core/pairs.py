@@ -308,9 +308,8 @@ def pair_from_models(base: comfy.model_patcher.ModelPatcher, finetuned: comfy.mo
     changed = {k: placements[k] for k in (*dense, *factors)}
     if not changed:
         raise GuidanceInputError(
-            "The fine-tuned model's diffusion model is identical to the base model's: there is nothing to "
-            "personalize, and guidance would be plain CFG. Choose the fine-tuned checkpoint (or LoRA) as the "
-            "personalization, not the base again."
+            "The fine-tuned model's weights are the base model's (every difference is zero): the pair has no "
+            "personalization, and guidance would be plain CFG. Choose the fine-tuned checkpoint, not a copy of the base."
         )
     approximation = None
     if approximated[0]:

@@ -31,11 +31,15 @@ else:
 @pytest.fixture(scope="session")
 def comfy_host(tmp_path_factory):
     """Imports ComfyUI (CPU), loads this pack as ComfyUI does, and returns the pack's module."""
+    # pytest puts the checkout's root before ComfyUI when the checkout's folder name is not a Python identifier
+    # (comfyui-personalization-guidance): then this pack's nodes/ would shadow ComfyUI's nodes.py.
+    sys.path.remove(COMFYUI_PATH)
+    sys.path.insert(0, COMFYUI_PATH)
     import utils.extra_config  # noqa: F401  (before nodes: see HOST.md)
     import folder_paths
 
     root = tmp_path_factory.mktemp("comfy")
-    for folder in ("checkpoints", "loras", "embeddings"):
+    for folder in ("checkpoints", "loras", "diffusion_models", "embeddings"):
         (root / folder).mkdir()
         folder_paths.folder_names_and_paths[folder] = ([str(root / folder)], folder_paths.supported_pt_extensions)
     folder_paths.set_output_directory(str(root / "output"))
@@ -54,7 +58,8 @@ def comfy_host(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_files(comfy_host):
-    """Tiny SD1.5 checkpoints (base and fine-tune) and LoRAs in ComfyUI's model folders; returns their names."""
+    """Tiny SD1.5 checkpoints and diffusion models (base and fine-tune) and LoRAs in ComfyUI's model folders; returns
+    their names."""
     import comfy.utils
 
     import tiny
@@ -64,8 +69,13 @@ def tiny_files(comfy_host):
     base = tiny.unet_state_dict(tiny.SD15_UNET, seed=1)
     finetuned = tiny.perturbed(base, seed=2, scale=0.05)
     other = tiny.unet_state_dict({**tiny.SD15_UNET, "transformer_depth_middle": 0}, seed=3)
+    def bare(sd):  # a diffusion-model file: the UNet's own keys
+        return {k[len("model.diffusion_model."):]: v for k, v in sd.items()}
+
     files = {
         "base": ("checkpoints", "tiny_sd15_base.safetensors", {**base, **extras}),
+        "base_unet": ("diffusion_models", "tiny_sd15_base_unet.safetensors", bare(base)),
+        "finetuned_unet": ("diffusion_models", "tiny_sd15_finetune_unet.safetensors", bare(finetuned)),
         "finetuned": ("checkpoints", "tiny_sd15_dreambooth.safetensors", {**finetuned, **extras}),
         "other": ("checkpoints", "tiny_sd15_other_arch.safetensors", {**other, **extras}),
         "lora": ("loras", "tiny_sd15_lora.safetensors", tiny.lora_for(base, seed=4)),

@@ -27,14 +27,9 @@ OMEGA = 0.3
 
 
 @pytest.fixture(scope="module")
-def files(comfy_host, tiny_files, tmp_path_factory):
+def files(tiny_files):
     """Base and fine-tuned SD1.5-architecture diffusion models (bare UNet keys) and the LoRA, in ComfyUI's folders."""
-    folder = tmp_path_factory.mktemp("diffusion_models")
-    folder_paths.folder_names_and_paths["diffusion_models"] = ([str(folder)], folder_paths.supported_pt_extensions)
-    base, finetuned = tiny_files["unet"]["base"], tiny_files["unet"]["finetuned"]
-    for name, sd in (("tiny_base.safetensors", base), ("tiny_finetune.safetensors", finetuned)):
-        comfy.utils.save_torch_file({k[len("model.diffusion_model."):]: v for k, v in sd.items()}, str(folder / name))
-    return {"base": "tiny_base.safetensors", "finetuned": "tiny_finetune.safetensors", "lora": tiny_files["lora"],
+    return {"base": tiny_files["base_unet"], "finetuned": tiny_files["finetuned_unet"], "lora": tiny_files["lora"],
             "unet": tiny_files["unet"]}
 
 

@@ -161,13 +161,55 @@ def test_guidance_applied_twice_is_rejected(nodes, lora_pair, error):
         nodes.model_patch.PersonalizationGuidanceModel.execute(once, weak, "two-way (paper)", 1.0)
 
 
-def test_load_pair_validation_names_the_missing_file(nodes, tiny_files):
-    node = nodes.load_pair.LoadFinetunedPair
-    assert "choose a lora_name" in node.validate_inputs("LoRA", "none", "none")
-    assert "choose a finetuned_checkpoint" in node.validate_inputs("fine-tuned checkpoint", "none", "none")
-    # validate_inputs takes over ComfyUI's option checks for the inputs it names.
-    assert "LoRA not found in the loras folder: typo.safetensors" in node.validate_inputs("LoRA", "typo.safetensors", "none")
-    assert "Checkpoint not found" in node.validate_inputs("LoRA", tiny_files["lora"], "typo.ckpt")
-    assert "Unknown personalization" in node.validate_inputs("DoRA", tiny_files["lora"], "none")
-    assert node.validate_inputs("LoRA", tiny_files["lora"], "none") is True
-    assert node.validate_inputs("fine-tuned checkpoint", "none", tiny_files["finetuned"]) is True
+def test_base_given_as_its_own_finetune_is_refused_before_loading(nodes, tiny_files, error, monkeypatch):
+    import comfy.sd
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a checkpoint was loaded")
+
+    monkeypatch.setattr(comfy.sd, "load_checkpoint_guess_config", no_loading)
+    with pytest.raises(error, match=r"The fine-tuned file is the base itself \(" + tiny_files["base"]):
+        nodes.load_pair.LoadFinetunedPair.execute(tiny_files["base"], "fine-tuned checkpoint", "none", 1.0,
+                                                  tiny_files["base"])
+
+
+def test_each_mode_shows_only_its_own_inputs(nodes):
+    """A LoRA pair shows no fine-tuned checkpoint and a full pair no LoRA; constant omega shows no omega_end; two-way
+    shows neither the personalization scale nor a negative socket; the KSampler patch needs the null prompt in
+    three-way only."""
+    def modes(node, name):
+        (combo,) = [i for i in node.define_schema().inputs if i.id == name]
+        return {option.key: [(i.id, i.optional) for i in option.inputs] for option in combo.options}
+
+    assert modes(nodes.load_pair.LoadFinetunedPair, "personalization") == {
+        "LoRA": [("lora_name", False), ("lora_strength", False)],
+        "fine-tuned checkpoint": [("finetuned_checkpoint", False)]}
+    assert modes(nodes.weak_model.WeakModelInterpolator, "schedule") == {
+        "constant": [("omega", False)], "linear": [("omega", False), ("omega_end", False)],
+        "cosine": [("omega", False), ("omega_end", False)]}
+    assert modes(nodes.guider.PersonalizationGuider, "estimate") == {
+        "two-way (paper)": [("guidance_scale", False)],
+        "three-way": [("negative", True), ("guidance_scale", False), ("personalization_scale", False)]}
+    assert modes(nodes.model_patch.PersonalizationGuidanceModel, "estimate") == {
+        "two-way (paper)": [], "three-way": [("null_conditioning", False), ("personalization_scale", False)]}
+
+
+def test_a_missing_lora_file_is_reported_once_at_its_widget(comfy_host, tiny_files):
+    """ComfyUI checks the file lists of the shown mode itself: one error, at lora_name."""
+    import workflow_api
+
+    loader = {"class_type": "PG_LoadFinetunedPair", "inputs": {
+        "base_checkpoint": tiny_files["base"], "personalization": "LoRA", "personalization.lora_name": "typo.safetensors",
+        "personalization.lora_strength": 1.0}}
+    valid, _error, _outputs, node_errors = workflow_api.validate({"1": loader, **_saving("1")})
+    assert not valid
+    (error,) = node_errors["1"]["errors"]
+    assert error["extra_info"]["input_name"] == "personalization.lora_name"
+    assert "typo.safetensors" in error["details"]
+
+
+def _saving(loader: str) -> dict:
+    """Nodes that make the loader part of a prompt with an output: its VAE decodes an empty latent and is saved."""
+    return {"2": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+            "3": {"class_type": "VAEDecode", "inputs": {"samples": ["2", 0], "vae": [loader, 3]}},
+            "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "never"}}}

@@ -1,45 +1,51 @@
-"""The example workflows run through ComfyUI's own validator and executor, on the tiny test models.
+"""The example workflows queued as ComfyUI's server queues them, on the tiny test models.
 
-Also: the node-schema snapshot that the torch-only workflow test relies on equals
-what this ComfyUI reports, so it cannot go stale. ``PG_WRITE_SCHEMAS=1`` rewrites it
-instead (schemas.py).
+Also: the node-schema snapshot that the torch-only workflow tests and the workflow
+generator rely on fits this ComfyUI. The pack's own nodes must equal it on every
+version; the stock nodes the workflows use may change between versions as long as
+every example workflow still fits them (checked against this ComfyUI's live
+definitions), and must equal it on the version it was written from.
+``PG_WRITE_SCHEMAS=1`` rewrites it instead (schemas.py).
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
-import uuid
 from pathlib import Path
 
 import pytest
 import schemas
 import workflow_api
 
-# The sampling examples, which save one image each; test_tuning_host.py executes the tuning_* ones.
-WORKFLOWS = sorted(p for p in schemas.WORKFLOWS_DIR.glob("*.json") if not p.stem.startswith("tuning_"))
+# The sampling examples, which save one image each; test_tuning_host.py queues the tuning ones.
+WORKFLOWS = sorted(p for p in schemas.WORKFLOWS_DIR.glob("*.json") if not p.stem.startswith("Tuning"))
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SIZE = 64
+
+
+def workflow_path(title_start: str) -> Path:
+    (found,) = [p for p in schemas.WORKFLOWS_DIR.glob("*.json") if p.stem.startswith(title_start)]
+    return found
+
+
+LORA_WORKFLOW = "LoRA pair"
+FULL_WORKFLOW = "DreamBooth pair"
+KSAMPLER_WORKFLOW = "KSampler"
 
 
 @pytest.fixture(scope="module")
 def executor(comfy_host):
     """One executor for the module, as a running ComfyUI has: loader outputs are cached between the prompts."""
-    import execution
-
-    return execution.PromptExecutor(workflow_api.ServerStub(), cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0})
+    return workflow_api.prompt_executor()
 
 
 def tiny_overrides(tiny_files, prefix: str) -> workflow_api.Overrides:
     """The workflow's model names swapped for the tiny models; 2 steps, 64x64, and a SaveImage prefix per test."""
-
-    def swap(key):
-        return lambda name: name if name == "none" else tiny_files[key]
-
     return {
-        "PG_LoadFinetunedPair": {"base_checkpoint": swap("base"), "lora_name": swap("lora"),
-                                 "finetuned_checkpoint": swap("finetuned")},
+        "PG_LoadFinetunedPair": {"base_checkpoint": tiny_files["base"],
+                                 "personalization.lora_name": tiny_files["lora"],
+                                 "personalization.finetuned_checkpoint": tiny_files["finetuned"]},
         "BasicScheduler": {"steps": 2},
         "KSampler": {"steps": 2},
         "EmptyLatentImage": {"width": SIZE, "height": SIZE, "batch_size": 1},
@@ -47,22 +53,12 @@ def tiny_overrides(tiny_files, prefix: str) -> workflow_api.Overrides:
     }
 
 
-def load(name: str) -> dict:
-    return json.loads((schemas.WORKFLOWS_DIR / name).read_text())
-
-
-def validate(prompt: dict):
-    import execution
-
-    return asyncio.run(execution.validate_prompt(str(uuid.uuid4()), prompt, None))
-
-
-def run(executor, prompt: dict) -> list:
-    """Validates and executes ``prompt``; returns the output node ids that validation accepted."""
-    valid, error, outputs, node_errors = validate(prompt)
-    assert valid, (error, node_errors)
-    executor.execute(prompt, str(uuid.uuid4()), {}, outputs)
-    return outputs
+def prompt_of(tiny_files, title_start: str, prefix: str, **changes) -> tuple[dict, dict]:
+    """The workflow and its API prompt on the tiny models; ``changes`` are further overrides by node type."""
+    workflow = json.loads(workflow_path(title_start).read_text())
+    overrides = tiny_overrides(tiny_files, prefix)
+    overrides = {kind: {**overrides.get(kind, {}), **changes.get(kind, {})} for kind in {*overrides, *changes}}
+    return workflow, workflow_api.to_api(workflow, overrides)
 
 
 def saved_pngs(prefix: str) -> list[Path]:
@@ -77,7 +73,12 @@ def node_id(workflow: dict, kind: str) -> str:
     return str(found)
 
 
-def test_snapshot_matches_live_comfyui(comfy_host, tiny_files):
+# ------------------------------------------------------------------------------------------------ the snapshot
+
+
+def test_snapshot_fits_live_comfyui(comfy_host, tiny_files):
+    import comfyui_version
+
     live = json.loads(schemas.dumps(schemas.build(schemas.snapshot_node_types(comfy_host))))
     if os.environ.get("PG_WRITE_SCHEMAS"):
         schemas.SNAPSHOT_PATH.parent.mkdir(parents=True, exist_ok=True)
@@ -86,54 +87,109 @@ def test_snapshot_matches_live_comfyui(comfy_host, tiny_files):
     recorded = schemas.load()
     assert sorted(recorded["nodes"]) == sorted(live["nodes"]), "node types differ: regenerate (schemas.py)"
     for kind, definition in live["nodes"].items():
-        assert recorded["nodes"][kind] == definition, f"{kind} changed in ComfyUI: regenerate (schemas.py)"
+        if kind.startswith(schemas.PACK_PREFIX) or comfyui_version.__version__ == recorded["comfyui_version"]:
+            assert recorded["nodes"][kind] == definition, f"{kind} differs from the snapshot: regenerate (schemas.py)"
+    for path in sorted(schemas.WORKFLOWS_DIR.glob("*.json")):
+        problems = schemas.workflow_problems(json.loads(path.read_text()), live["nodes"])
+        assert problems == [], f"{path.name} does not fit ComfyUI {comfyui_version.__version__}: {problems}"
 
 
-def test_interval_that_ends_before_it_starts_fails_validation(comfy_host, tiny_files):
-    workflow = load("personalization_ksampler_scheduled_omega.json")
-    overrides = {**tiny_overrides(tiny_files, "pg_examples/never"),
-                 "PG_WeakModelInterpolator": {"guidance_start": 0.9, "guidance_end": 0.1}}
-    prompt = workflow_api.to_api(workflow, overrides)
+def test_dynamic_inputs_have_their_tooltips_in_the_locale(comfy_host):
+    """locales/en/nodeDefs.json holds the tooltips of the inputs that DynamicCombos add (schemas.py says why)."""
+    import nodes
 
-    valid, error, outputs, node_errors = validate(prompt)
+    live = schemas.dynamic_input_tooltips({node.define_schema().node_id: nodes.NODE_CLASS_MAPPINGS[
+        node.define_schema().node_id] for node in comfy_host.nodes.NODES})
+    if os.environ.get("PG_WRITE_SCHEMAS"):
+        schemas.LOCALE_PATH.parent.mkdir(parents=True, exist_ok=True)
+        schemas.LOCALE_PATH.write_text(json.dumps(live, indent=2, ensure_ascii=False) + "\n")
+        pytest.skip(f"PG_WRITE_SCHEMAS: wrote {schemas.LOCALE_PATH}")
+    assert json.loads(schemas.LOCALE_PATH.read_text()) == live, "regenerate with PG_WRITE_SCHEMAS=1 (schemas.py)"
 
-    assert not valid and outputs == []
-    weak = node_id(workflow, "PG_WeakModelInterpolator")
-    details = [e["details"] for e in node_errors[weak]["errors"]]
-    assert any("guidance_start (0.9) must not be after guidance_end (0.1)" in d for d in details), details
+
+# ------------------------------------------------------------------------------------- queue-time errors
 
 
-def test_negative_in_two_way_fails_before_sampling(comfy_host, executor, tiny_files):
-    # Before the examples run: the full-checkpoint example then finds its loader and prompts in the cache.
-    workflow = load("personalization_full_checkpoint.json")
-    prefix = "pg_examples/two_way_with_negative"
-    two_way = comfy_host.nodes.core.runtime.Estimate.TWO_WAY.value
-    overrides = {**tiny_overrides(tiny_files, prefix), "PG_PersonalizationGuider": {"estimate": two_way}}
-    prompt = workflow_api.to_api(workflow, overrides)
-    assert "negative" in prompt[node_id(workflow, "PG_PersonalizationGuider")]["inputs"]
+def node_error_inputs(run: workflow_api.Run, node: str) -> list[tuple[str, str]]:
+    return [(e["extra_info"].get("input_name"), e["details"]) for e in run.node_errors[node]["errors"]]
 
-    run(executor, prompt)
 
-    assert not executor.success
-    (error,) = [data for event, data in executor.status_messages if event == "execution_error"]
-    assert error["node_type"] == "PG_PersonalizationGuider"
-    assert "The two-way estimate has no negative prompt" in error["exception_message"]
-    assert node_id(workflow, "SamplerCustomAdvanced") not in error["executed"]
-    assert saved_pngs(prefix) == []
+def test_empty_guidance_interval_is_refused_when_queued(executor, tiny_files):
+    workflow, prompt = prompt_of(tiny_files, KSAMPLER_WORKFLOW, "pg_examples/never",
+                                 PG_WeakModelInterpolator={"guidance_start": 0.9, "guidance_end": 0.1})
+    run = workflow_api.queue(executor, prompt)
+    assert not run.valid and run.executed == []
+    errors = node_error_inputs(run, node_id(workflow, "PG_WeakModelInterpolator"))
+    # ComfyUI shows a validate_inputs message under each input the check reads: here the two ends of the interval.
+    assert sorted(name for name, _ in errors) == ["guidance_end", "guidance_start"]
+    assert all("guidance_start (0.9) must not be after guidance_end (0.1)" in details for _, details in errors)
+
+
+def test_three_way_ksampler_patch_without_null_is_refused_when_queued(executor, tiny_files):
+    workflow, prompt = prompt_of(tiny_files, KSAMPLER_WORKFLOW, "pg_examples/never")
+    patch = node_id(workflow, "PG_PersonalizationGuidanceModel")
+    prompt[patch]["inputs"].update({"estimate": "three-way", "estimate.personalization_scale": 3.0})
+    run = workflow_api.queue(executor, prompt)
+    assert not run.valid and run.executed == []
+    ((name, details),) = node_error_inputs(run, patch)
+    assert name == "estimate.null_conditioning" and details == "null_conditioning"
+    (error,) = run.node_errors[patch]["errors"]
+    assert error["type"] == "required_input_missing"
+
+
+def test_two_way_shows_no_negative_socket(comfy_host):
+    """A negative prompt cannot be connected in two-way: the two-way option has no such socket."""
+    import nodes
+
+    for kind in ("PG_PersonalizationGuider", "PG_SchedulePreview", "PG_Sweep"):
+        (estimate,) = [i for i in schemas.inputs_of(nodes.NODE_CLASS_MAPPINGS[kind]) if i["name"] == "estimate"]
+        assert "negative" not in {i["name"] for i in estimate["modes"]["two-way (paper)"]}, kind
+        assert "negative" in {i["name"] for i in estimate["modes"]["three-way"]}, kind
+
+
+# ----------------------------------------------------------------------------------------- the examples
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
 def test_example_workflow_executes(executor, tiny_files, path):
     from PIL import Image
 
-    prefix = f"pg_examples/{path.stem}"
-    prompt = workflow_api.to_api(json.loads(path.read_text()), tiny_overrides(tiny_files, prefix))
-    outputs = run(executor, prompt)
+    prefix = f"pg_examples/{path.stem.split(',')[0].replace(' ', '_')}"
+    workflow, prompt = prompt_of(tiny_files, path.stem, prefix)
+    run = workflow_api.queue(executor, prompt)
 
-    errors = [data for event, data in executor.status_messages if event == "execution_error"]
-    assert executor.success and not errors, errors
-    assert [prompt[o]["class_type"] for o in outputs] == ["SaveImage"]
+    assert run.valid, (run.error, run.node_errors)
+    assert run.success and not run.errors, run.errors
+    assert [prompt[o]["class_type"] for o in run.outputs] == ["SaveImage"]
     (png,) = saved_pngs(prefix)
     assert png.read_bytes()[:8] == PNG_SIGNATURE
     with Image.open(png) as image:
         assert image.size == (SIZE, SIZE)
+
+
+def test_base_given_as_its_own_finetune_fails_before_loading(executor, tiny_files):
+    workflow, prompt = prompt_of(tiny_files, FULL_WORKFLOW, "pg_examples/base_as_finetune")
+    loader = node_id(workflow, "PG_LoadFinetunedPair")
+    prompt[loader]["inputs"]["personalization.finetuned_checkpoint"] = tiny_files["base"]
+    run = workflow_api.queue(executor, prompt)
+
+    assert run.valid and not run.success
+    (error,) = run.errors
+    assert error["node_type"] == "PG_LoadFinetunedPair"
+    assert "The fine-tuned file is the base itself" in error["exception_message"]
+    assert error["exception_type"] == "personalization_guidance.GuidanceInputError"
+    assert saved_pngs("pg_examples/base_as_finetune") == []
+
+
+def test_a_user_error_is_logged_as_one_line(executor, tiny_files, caplog):
+    import logging
+
+    workflow, prompt = prompt_of(tiny_files, FULL_WORKFLOW, "pg_examples/base_as_finetune_log")
+    prompt[node_id(workflow, "PG_LoadFinetunedPair")]["inputs"]["personalization.finetuned_checkpoint"] = \
+        tiny_files["base"]
+    with caplog.at_level(logging.INFO):
+        run = workflow_api.queue(executor, prompt)
+    assert not run.success
+    logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any("The fine-tuned file is the base itself" in line for line in logged), logged
+    assert not any("Traceback" in line for line in logged), logged

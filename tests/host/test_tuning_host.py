@@ -6,7 +6,9 @@
   of model evaluations that sampling then makes.
 - Presets: the shipped ones load; save then load gives back what was saved; bad names
   and values are refused before anything is written.
-- The tuning_* example workflows run through ComfyUI's validator and executor.
+- The "Tuning, ..." example workflows run as ComfyUI's server runs them, and the
+  preset workflow queued twice executes nothing the second time (the preset's
+  fingerprint keeps it cached).
 
 ``PG_WRITE_DOCS=1`` also writes the README pictures docs/sweep_grid_tiny.png and
 docs/schedule_preview.png (tiny random-weight models, so the images are not pretty).
@@ -14,21 +16,17 @@ docs/schedule_preview.png (tiny random-weight models, so the images are not pret
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import io
 import json
 import os
-import uuid
 from pathlib import Path
-
-import pytest
-import torch
 
 import comfy.samplers
 import folder_paths
-
+import pytest
 import schemas
+import torch
 import workflow_api
 
 PACK_DIR = Path(__file__).resolve().parents[2]
@@ -66,7 +64,10 @@ def sampling_inputs(model, sampler_name="euler_ancestral", steps=STEPS):
     return Noise_RandomNoise(SEED), comfy.samplers.sampler_object(sampler_name), sigmas, latent
 
 
-def run_sweep(setup, estimate, omega_values, lambda_values, lambda_sweeps="guidance_scale", negative=None,
+LAMBDA_T, LAMBDA_P = "guidance_scale (lambda_t)", "personalization_scale (lambda_p)"
+
+
+def run_sweep(setup, estimate, omega_values, lambda_values, lambda_sweeps=LAMBDA_T, negative=None,
               guidance_scale=7.5, personalization_scale=3.0, latent=None, sampler_name="euler_ancestral"):
     noise, sampler, sigmas, empty = sampling_inputs(setup["model"], sampler_name)
     with torch.inference_mode():
@@ -122,12 +123,22 @@ def assert_labels_drawn(grid, layout):
 # ------------------------------------------------------------------------------------------------ schemas
 
 
-@pytest.mark.parametrize("kind", ["PG_Sweep", "PG_SchedulePreview", "PG_LoadPreset", "PG_SavePreset"])
+@pytest.mark.parametrize("kind", ["PG_LoadFinetunedPair", "PG_PairFromModels", "PG_WeakModelInterpolator",
+                                  "PG_PersonalizationGuider", "PG_PersonalizationGuidanceModel", "PG_Sweep",
+                                  "PG_SchedulePreview", "PG_LoadPreset", "PG_SavePreset"])
 def test_every_input_and_output_has_a_tooltip(comfy_host, kind):
     (node,) = [n for n in comfy_host.nodes.NODES if n.define_schema().node_id == kind]
     schema = node.define_schema()
-    assert schema.description
-    for item in [*schema.inputs, *schema.outputs]:
+    assert schema.description and schema.display_name.startswith("Personalization")
+
+    def items(inputs):
+        for item in inputs:
+            yield item
+            for option in getattr(item, "options", None) or []:
+                if hasattr(option, "inputs"):  # a DynamicCombo's option
+                    yield from items(option.inputs)
+
+    for item in [*items(schema.inputs), *schema.outputs]:
         assert item.tooltip and len(item.tooltip) > 20, (kind, item.id)
 
 
@@ -136,7 +147,7 @@ def test_every_input_and_output_has_a_tooltip(comfy_host, kind):
 
 @pytest.mark.parametrize(
     ("estimate", "lambda_sweeps", "negative"),
-    [("two-way (paper)", "guidance_scale", False), ("three-way", "personalization_scale (three-way)", True)],
+    [("two-way (paper)", LAMBDA_T, False), ("three-way", LAMBDA_P, True)],
     ids=["two-way", "three-way-lambda-p"],
 )
 def test_sweep_images_equal_the_guider_sampled_separately(setup, estimate, lambda_sweeps, negative):
@@ -149,7 +160,7 @@ def test_sweep_images_equal_the_guider_sampled_separately(setup, estimate, lambd
     symbol = "lambda" if estimate.startswith("two") else "lambda_p"
     assert labels.splitlines() == [f"omega {o:g}, {symbol} {lam:g}" for o in omegas for lam in lambdas]
     for index, (omega, lam) in enumerate((o, lam) for o in omegas for lam in lambdas):
-        scales = (lam, 2.0) if lambda_sweeps == "guidance_scale" else (6.0, lam)
+        scales = (lam, 2.0) if lambda_sweeps == LAMBDA_T else (6.0, lam)
         expected = guider_image(setup, omega, estimate, *scales, negative=negative)
         assert torch.equal(images[index : index + 1], expected), (omega, lam)
     assert not torch.equal(images[0], images[3])
@@ -179,8 +190,7 @@ class ForwardRows:
 
 @pytest.mark.parametrize(
     ("estimate", "lambda_sweeps", "negative", "batch"),
-    [("two-way (paper)", "guidance_scale", False, 1), ("three-way", "personalization_scale (three-way)", True, 2),
-     ("three-way", "guidance_scale", False, 1)],
+    [("two-way (paper)", LAMBDA_T, False, 1), ("three-way", LAMBDA_P, True, 2), ("three-way", LAMBDA_T, False, 1)],
     ids=["two-way", "three-way-lambda-p-batch-2", "three-way-lambda-t"],
 )
 def test_batched_sweep_equals_separate_runs(setup, estimate, lambda_sweeps, negative, batch):
@@ -192,11 +202,11 @@ def test_batched_sweep_equals_separate_runs(setup, estimate, lambda_sweeps, nega
     with ForwardRows(setup["model"]) as forwards:
         grid, images, labels = run_sweep(setup, estimate, "0.3, 1", "1, 5", lambda_sweeps, negative=negative,
                                          guidance_scale=6.0, personalization_scale=2.0, latent=latent, sampler_name="euler")
-    evaluations = 3 if negative is not None or lambda_sweeps == "guidance_scale" and estimate == "three-way" else 2
+    evaluations = 3 if negative is not None or lambda_sweeps == LAMBDA_T and estimate == "three-way" else 2
     assert forwards.rows == [4 * batch * evaluations] * STEPS  # one forward per step for all four combinations
     assert images.shape == (4 * batch, SIZE, SIZE, 3)
     for index, (omega, lam) in enumerate((o, lam) for o in omegas for lam in lambdas):
-        scales = (lam, 2.0) if lambda_sweeps == "guidance_scale" else (6.0, lam)
+        scales = (lam, 2.0) if lambda_sweeps == LAMBDA_T else (6.0, lam)
         expected = guider_image(setup, omega, estimate, *scales, negative=negative, sampler_name="euler", latent=latent)
         torch.testing.assert_close(images[index * batch : (index + 1) * batch], expected, rtol=0, atol=1e-4)
     # Far apart compared with that tolerance: a row sampled with another row's omega or scale would fail above.
@@ -262,36 +272,43 @@ class ForwardCounter:
         ({"lambda_values": "1, 2, 3, 4, 5, 6, 7, 8, 9"}, "at most 8 per list"),
         ({"omega_values": "0.1, 0.2, 0.3, 0.4", "lambda_values": "1, 2, 3, 4", "latent": 5},
          "= 80 images; at most 64"),
-        ({"lambda_sweeps": "personalization_scale (three-way)"},
-         "can sweep the personalization scale only with the three-way estimate"),
         ({"negative": True}, "The two-way estimate has no negative prompt"),
     ],
-    ids=["omega-range", "omega-text", "lambda-empty", "lambda-too-many", "too-many-images", "lambda-p-two-way",
-         "negative-two-way"],
+    ids=["omega-range", "omega-text", "lambda-empty", "lambda-too-many", "too-many-images", "negative-two-way"],
 )
 def test_sweep_refuses_bad_input_before_sampling(setup, changes, message):
     GuidanceInputError = setup["guidance"].GuidanceInputError
 
-    args = {"omega_values": "0.3, 0.7", "lambda_values": "2, 4", "lambda_sweeps": "guidance_scale", **changes}
+    args = {"omega_values": "0.3, 0.7", "lambda_values": "2, 4", **changes}
     latent = {"samples": torch.zeros(args.pop("latent", 1), 4, SIZE // 8, SIZE // 8)}
     negative = setup["negative"] if args.pop("negative", False) else None
     counter = ForwardCounter(setup["pair"].finetuned.model.diffusion_model)
     try:
         with pytest.raises(GuidanceInputError, match=message.replace("(", r"\(").replace(")", r"\)")):
-            run_sweep(setup, "two-way (paper)", args["omega_values"], args["lambda_values"], args["lambda_sweeps"],
-                      negative=negative, latent=latent)
+            run_sweep(setup, "two-way (paper)", args["omega_values"], args["lambda_values"], negative=negative,
+                      latent=latent)
     finally:
         counter.close()
     assert counter.calls == []
 
 
-def test_sweep_validation_reports_the_list_problem(setup):
+def test_sweep_validation_reports_every_list_problem_at_once(setup):
     validate = setup["nodes"].sweep.Sweep.validate_inputs
-    assert validate("0.3, 0.5", "5, 7.5", "two-way (paper)", "guidance_scale") is True
-    assert validate(None, None, "two-way (paper)", "guidance_scale") is True  # linked: checked when it runs
-    assert "is not a number" in validate("0.3; x", "5", "two-way (paper)", "guidance_scale")
-    assert "three-way" in validate("0.3", "5", "two-way (paper)", "personalization_scale (three-way)")
-    assert "is not one of" in validate("0.3", "5", "four-way", "guidance_scale")
+    assert validate("0.3, 0.5", "5, 7.5") is True
+    assert validate(None, None) is True  # linked: checked when it runs
+    message = validate("0.3, abc, 1.5", "5, 500")
+    for problem in ("omega_values: 'abc' is not a number", "omega_values must be between 0 and 1, got 1.5",
+                    "lambda_values must be between 0 and 100, got 500.0"):
+        assert message.count(problem) == 1, message
+    assert validate("0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8", "1, 2, 3, 4, 5, 6, 7, 8, 9") == (
+        "lambda_values has 9 values; a sweep takes at most 8 per list.")
+
+
+def test_sweep_shows_lambda_sweeps_in_three_way_only(setup):
+    """Sweeping the personalization scale needs the three-way estimate: only three-way shows the choice."""
+    (estimate,) = [i for i in setup["nodes"].sweep.Sweep.define_schema().inputs if i.id == "estimate"]
+    modes = {option.key: [i.id for i in option.inputs] for option in estimate.options}
+    assert modes == {"two-way (paper)": [], "three-way": ["negative", "lambda_sweeps"]}
 
 
 # ----------------------------------------------------------------------------------------- schedule preview
@@ -411,7 +428,7 @@ def test_save_then_load_gives_back_the_values(setup, user_dir):
     path = user_dir / "personalization_guidance" / "presets" / "dog v2.json"
     assert json.loads(path.read_text())["description"] == "for the dog LoRA"
     assert "dog v2" in load.define_schema().inputs[1].options
-    fingerprint = load.fingerprint_inputs("dog v2")
+    fingerprint = load.fingerprint_inputs(None, "dog v2")
 
     weak, estimate, guidance_scale, personalization_scale = load.execute(setup["pair"], "dog v2").args
     assert weak.schedule == OmegaSchedule("linear", 0.25, 0.75, 0.1, 0.9)
@@ -419,9 +436,9 @@ def test_save_then_load_gives_back_the_values(setup, user_dir):
 
     with pytest.raises(GuidanceInputError, match="A preset named 'dog v2' exists"):
         save.execute(**{**SAVED, "omega": 0.5})
-    assert load.fingerprint_inputs("dog v2") == fingerprint
+    assert load.fingerprint_inputs(None, "dog v2") == fingerprint
     save.execute(**{**SAVED, "omega": 0.5, "overwrite": True})
-    assert load.fingerprint_inputs("dog v2") != fingerprint
+    assert load.fingerprint_inputs(None, "dog v2") != fingerprint
     assert load.execute(setup["pair"], "dog v2").args[0].schedule.omega_start == 0.5
     assert [p.name for p in path.parent.iterdir()] == ["dog v2.json"]  # no temporary file left behind
 
@@ -447,14 +464,6 @@ def test_save_refuses_bad_presets_and_writes_nothing(setup, user_dir, tmp_path, 
     assert not (user_dir / "personalization_guidance" / "escape.json").exists()
 
 
-def test_save_validation_names_the_problem(setup):
-    validate = setup["nodes"].presets.SavePreset.validate_inputs
-    assert validate("fine name", 0.0, 1.0) is True
-    assert "not allowed" in validate("..", 0.0, 1.0)
-    assert "shipped preset" in validate("sdxl_lora", 0.0, 1.0)
-    assert "must not be after" in validate("fine", 0.8, 0.2)
-
-
 def test_a_broken_user_preset_fails_with_its_file_and_reason(setup, user_dir):
     GuidanceInputError = setup["guidance"].GuidanceInputError
 
@@ -476,16 +485,16 @@ def test_a_broken_user_preset_fails_with_its_file_and_reason(setup, user_dir):
 
 @pytest.fixture(scope="module")
 def executor(comfy_host):
-    import execution
-
-    return execution.PromptExecutor(workflow_api.ServerStub(), cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0})
+    return workflow_api.prompt_executor()
 
 
-def workflow_prompt(tiny_files, name: str, prefix: str, **extra) -> tuple[dict, dict]:
-    workflow = json.loads((schemas.WORKFLOWS_DIR / f"{name}.json").read_text())
-    swap = {"base": lambda n: tiny_files["base"], "lora": lambda n: n if n == "none" else tiny_files["lora"]}
+SWEEP, PREVIEW, PRESETS = "Tuning, a sweep grid of omega and lambda", "Tuning, a schedule preview", "Tuning, presets"
+
+
+def workflow_prompt(tiny_files, title: str, prefix: str, **extra) -> tuple[dict, dict]:
+    workflow = json.loads((schemas.WORKFLOWS_DIR / f"{title}.json").read_text())
     overrides = {
-        "PG_LoadFinetunedPair": {"base_checkpoint": swap["base"], "lora_name": swap["lora"]},
+        "PG_LoadFinetunedPair": {"base_checkpoint": tiny_files["base"], "personalization.lora_name": tiny_files["lora"]},
         "BasicScheduler": {"steps": STEPS},
         "EmptyLatentImage": {"width": SIZE, "height": SIZE, "batch_size": 1},
         "SaveImage": {"filename_prefix": prefix},
@@ -495,14 +504,10 @@ def workflow_prompt(tiny_files, name: str, prefix: str, **extra) -> tuple[dict, 
 
 
 def execute(executor, prompt) -> dict:
-    import execution
-
-    valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(str(uuid.uuid4()), prompt, None))
-    assert valid, (error, node_errors)
-    executor.execute(prompt, str(uuid.uuid4()), {}, outputs)
-    errors = [data for event, data in executor.status_messages if event == "execution_error"]
-    assert executor.success and not errors, errors
-    return executor.history_result["outputs"]
+    run = workflow_api.queue(executor, prompt)
+    assert run.valid, (run.error, run.node_errors)
+    assert run.success and not run.errors, run.errors
+    return run.history["outputs"]
 
 
 def output_images(outputs: dict, node: str) -> list:
@@ -522,7 +527,7 @@ def node_of(workflow: dict, kind: str) -> str:
 
 
 def test_sweep_workflow_executes(setup, executor, tiny_files):
-    workflow, prompt = workflow_prompt(tiny_files, "tuning_sweep", "pg_tuning/sweep",
+    workflow, prompt = workflow_prompt(tiny_files, SWEEP, "pg_tuning/sweep",
                                        PG_Sweep={"omega_values": "0.5, 1", "lambda_values": "3, 7.5"})
     outputs = execute(executor, prompt)
     (grid,) = output_images(outputs, node_of(workflow, "SaveImage"))
@@ -533,19 +538,21 @@ def test_sweep_workflow_executes(setup, executor, tiny_files):
     assert grid.size == (layout.width, layout.height)
 
 
-def test_sweep_workflow_with_a_bad_list_fails_validation(setup, tiny_files):
-    import execution
-
-    workflow, prompt = workflow_prompt(tiny_files, "tuning_sweep", "pg_tuning/never",
-                                       PG_Sweep={"omega_values": "0.5, 2"})
-    valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(str(uuid.uuid4()), prompt, None))
-    assert not valid
-    details = [e["details"] for e in node_errors[node_of(workflow, "PG_Sweep")]["errors"]]
-    assert any("omega_values must be between 0 and 1, got 2.0" in d for d in details), details
+def test_sweep_workflow_with_bad_lists_fails_validation_once_per_list(setup, executor, tiny_files):
+    workflow, prompt = workflow_prompt(tiny_files, SWEEP, "pg_tuning/never",
+                                       PG_Sweep={"omega_values": "0.3, abc, 2", "lambda_values": "5, 500"})
+    run = workflow_api.queue(executor, prompt)
+    assert not run.valid and run.executed == []
+    errors = run.node_errors[node_of(workflow, "PG_Sweep")]["errors"]
+    # The message names every problem; ComfyUI shows it under each input the check reads, the two lists.
+    assert sorted(e["extra_info"]["input_name"] for e in errors) == ["lambda_values", "omega_values"]
+    for problem in ("'abc' is not a number", "omega_values must be between 0 and 1, got 2.0",
+                    "lambda_values must be between 0 and 100, got 500.0"):
+        assert all(e["details"].count(problem) == 1 for e in errors), errors
 
 
 def test_schedule_preview_workflow_executes(setup, executor, tiny_files):
-    workflow, prompt = workflow_prompt(tiny_files, "tuning_schedule_preview", "pg_tuning/preview")
+    workflow, prompt = workflow_prompt(tiny_files, PREVIEW, "pg_tuning/preview")
     outputs = execute(executor, prompt)
     (plot,) = output_images(outputs, node_of(workflow, "PreviewImage"))
     (image,) = output_images(outputs, node_of(workflow, "SaveImage"))
@@ -555,7 +562,7 @@ def test_schedule_preview_workflow_executes(setup, executor, tiny_files):
 def test_preset_workflow_executes_and_saves_a_preset(setup, executor, tiny_files, user_dir):
     parse_preset = setup["guidance"].parse_preset
 
-    workflow, prompt = workflow_prompt(tiny_files, "tuning_preset", "pg_tuning/preset")
+    workflow, prompt = workflow_prompt(tiny_files, PRESETS, "pg_tuning/preset")
     outputs = execute(executor, prompt)
     (image,) = output_images(outputs, node_of(workflow, "SaveImage"))
     assert image.size == (SIZE, SIZE)
@@ -564,13 +571,63 @@ def test_preset_workflow_executes_and_saves_a_preset(setup, executor, tiny_files
     assert preset.omega == 0.4 and preset.name == "my_sd15_subject"
 
 
+def test_preset_workflow_queued_again_executes_nothing(setup, tiny_files, user_dir):
+    """What a running server does when the same workflow is queued twice: each queue is a freshly parsed prompt, and
+    the second executes no node (the preset loader's fingerprint is its file's, so it stays cached)."""
+    workflow, prompt = workflow_prompt(tiny_files, PRESETS, "pg_tuning/preset_twice")
+    executor = workflow_api.prompt_executor()
+    first = workflow_api.queue(executor, prompt)
+    assert first.success and not first.errors, first.errors
+    assert node_of(workflow, "PG_LoadPreset") in first.executed
+
+    second = workflow_api.queue(executor, prompt)
+    assert second.success and not second.errors, second.errors
+    assert second.executed == []
+    assert sorted(second.cached) == sorted(prompt)
+
+
+def test_edited_preset_runs_again(setup, tiny_files, user_dir):
+    """The other side of the fingerprint: a changed preset file is read again, and what depends on it reruns."""
+    folder = user_dir / "personalization_guidance" / "presets"
+    folder.mkdir(parents=True, exist_ok=True)
+    preset = json.loads((PACK_DIR / "presets" / "sd15_lora.json").read_text())
+    path = folder / "edited.json"
+    path.write_text(json.dumps({**preset, "name": "edited"}))
+    try:
+        workflow, prompt = workflow_prompt(tiny_files, PRESETS, "pg_tuning/preset_edited",
+                                           PG_LoadPreset={"preset": "edited"})
+        executor = workflow_api.prompt_executor()
+        assert workflow_api.queue(executor, prompt).success
+        path.write_text(json.dumps({**preset, "name": "edited", "omega": 0.3}))
+        again = workflow_api.queue(executor, prompt)
+        assert again.success
+        for kind in ("PG_LoadPreset", "PG_PersonalizationGuider", "SamplerCustomAdvanced", "SaveImage"):
+            assert node_of(workflow, kind) in again.executed, kind
+        assert node_of(workflow, "PG_LoadFinetunedPair") not in again.executed
+    finally:
+        path.unlink()
+
+
+def test_saving_a_shipped_preset_name_stops_the_run_with_the_reason(setup, tiny_files, user_dir):
+    """Refused when the preset saver runs, which ComfyUI does first (an output node with nothing to wait for): the
+    run stops before anything loads, and the frontend shows the reason. (A queue-time refusal would only drop the
+    saver from the run, with a red outline and no message, when the workflow has other outputs.)"""
+    workflow, prompt = workflow_prompt(tiny_files, PRESETS, "pg_tuning/never", PG_SavePreset={"name": "sd15_lora"})
+    run = workflow_api.queue(workflow_api.prompt_executor(), prompt)
+    assert run.valid and not run.success
+    assert run.executed == [node_of(workflow, "PG_SavePreset")]
+    (error,) = run.errors
+    assert "'sd15_lora' is a shipped preset" in error["exception_message"]
+    assert error["exception_type"] == "personalization_guidance.GuidanceInputError"
+
+
 def test_preset_outputs_wire_into_the_guider_widgets(setup, executor, tiny_files):
-    # What the preset example's note suggests: the preset's estimate and scales linked to the guider's widgets.
-    workflow, prompt = workflow_prompt(tiny_files, "tuning_preset", "pg_tuning/preset_linked",
+    # What the preset example's note suggests: the preset's scales linked to the guider's widgets, its estimate set.
+    workflow, prompt = workflow_prompt(tiny_files, PRESETS, "pg_tuning/preset_linked",
                                        PG_LoadPreset={"preset": "sd15_dreambooth"})
     preset, guider = node_of(workflow, "PG_LoadPreset"), node_of(workflow, "PG_PersonalizationGuider")
-    for slot, name in enumerate(("estimate", "guidance_scale", "personalization_scale"), start=1):
-        prompt[guider]["inputs"][name] = [preset, slot]
+    prompt[guider]["inputs"].update({"estimate": "three-way", "estimate.guidance_scale": [preset, 2],
+                                     "estimate.personalization_scale": [preset, 3]})
     del prompt[node_of(workflow, "PG_SavePreset")]
     outputs = execute(executor, prompt)
     (image,) = output_images(outputs, node_of(workflow, "SaveImage"))
