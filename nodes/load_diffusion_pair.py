@@ -8,13 +8,18 @@ offers; the text encoder and VAE come from their own loaders.
 
 from __future__ import annotations
 
-import comfy.utils
 import folder_paths
 import nodes as comfy_nodes  # ComfyUI's nodes.py (UNETLoader), not this pack's package
 from comfy_api.latest import io
 
-from .core.pairs import load_lora_pair, pair_from_models
-from .core.personalization import Personalization, check_not_the_base, personalization_input, personalization_of
+from .core.pairs import pair_from_models
+from .core.personalization import (
+    Personalization,
+    check_not_the_base,
+    lora_pair,
+    personalization_input,
+    personalization_of,
+)
 from .core.schema import node_schema
 from .inputs import full_delta_input, low_rank_spec
 from .sockets import CATEGORY, FinetunedPairSocket
@@ -76,10 +81,7 @@ class LoadDiffusionModelPair(io.ComfyNode):
         chosen = personalization_of(personalization, lora_name=lora_name, lora_strength=lora_strength,
                                     finetuned_model=finetuned_model, full_delta=full_delta)
         if chosen.key == Personalization.LORA:
-            base = comfy_nodes.UNETLoader().load_unet(base_model, weight_dtype)[0]
-            name = chosen["lora_name"]
-            lora = comfy.utils.load_torch_file(folder_paths.get_full_path_or_raise("loras", name), safe_load=True)
-            pair, _ = load_lora_pair(base, None, lora, chosen["lora_strength"], name)
+            pair, _ = lora_pair(chosen, comfy_nodes.UNETLoader().load_unet(base_model, weight_dtype)[0])
             return io.NodeOutput(pair, pair.finetuned)
         check_not_the_base(FOLDER, base_model, chosen[FINETUNED])
         base = comfy_nodes.UNETLoader().load_unet(base_model, weight_dtype)[0]

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import comfy.sd
-import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
-from .core.pairs import load_lora_pair, pair_from_models
-from .core.personalization import Personalization, check_not_the_base, personalization_input, personalization_of
+from .core.pairs import pair_from_models
+from .core.personalization import (
+    Personalization,
+    check_not_the_base,
+    lora_pair,
+    personalization_input,
+    personalization_of,
+)
 from .core.schema import node_schema
 from .inputs import full_delta_input, low_rank_spec
 from .sockets import CATEGORY, FinetunedPairSocket
@@ -68,9 +73,7 @@ class LoadFinetunedPair(io.ComfyNode):
                                     finetuned_checkpoint=finetuned_checkpoint, full_delta=full_delta)
         if chosen.key == Personalization.LORA:
             model, clip, vae = _checkpoint(base_checkpoint)
-            name = chosen["lora_name"]
-            lora = comfy.utils.load_torch_file(folder_paths.get_full_path_or_raise("loras", name), safe_load=True)
-            pair, ft_clip = load_lora_pair(model, clip, lora, chosen["lora_strength"], name)
+            pair, ft_clip = lora_pair(chosen, model, clip)
             return io.NodeOutput(pair, pair.finetuned, ft_clip, vae)
         finetuned = chosen["finetuned_checkpoint"]
         check_not_the_base("checkpoints", base_checkpoint, finetuned)

@@ -15,11 +15,13 @@ import os
 from collections.abc import Sequence
 from enum import Enum
 
+import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
 from ...guidance import GuidanceInputError
 from .modes import Mode, mode_input
+from .pairs import load_lora_pair
 
 PERSONALIZATION = "personalization"
 
@@ -92,3 +94,11 @@ def check_not_the_base(folder: str, base: str, finetuned: str) -> None:
             f"The fine-tuned file is the base itself ({finetuned}): the pair would have no personalization and "
             "guidance would be plain CFG. Choose the fine-tune in the personalization's file list."
         )
+
+
+def lora_pair(chosen: Mode[Personalization], model, clip=None):
+    """The LoRA mode's pair: the chosen LoRA file on ``model`` (and ``clip``, when there is one) at the chosen
+    strength. Returns (pair, fine-tuned CLIP or None)."""
+    name = chosen["lora_name"]
+    lora = comfy.utils.load_torch_file(folder_paths.get_full_path_or_raise("loras", name), safe_load=True)
+    return load_lora_pair(model, clip, lora, chosen["lora_strength"], name)

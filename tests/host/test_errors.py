@@ -174,7 +174,7 @@ def test_base_given_as_its_own_finetune_is_refused_before_loading(nodes, tiny_fi
 
 
 def test_each_mode_shows_only_its_own_inputs(nodes):
-    """A LoRA pair shows no fine-tuned checkpoint and a full pair no LoRA; constant omega shows no omega_end; two-way
+    """A LoRA pair shows no fine-tuned checkpoint and a full pair no LoRA (but its exact/low-rank choice); constant omega shows no omega_end; two-way
     shows neither the personalization scale nor a negative socket; the KSampler patch needs the null prompt in
     three-way only."""
     def modes(node, name):
@@ -183,7 +183,10 @@ def test_each_mode_shows_only_its_own_inputs(nodes):
 
     assert modes(nodes.load_pair.LoadFinetunedPair, "personalization") == {
         "LoRA": [("lora_name", False), ("lora_strength", False)],
-        "fine-tuned checkpoint": [("finetuned_checkpoint", False)]}
+        "fine-tuned checkpoint": [("finetuned_checkpoint", False), ("full_delta", False)]}
+    assert modes(nodes.load_diffusion_pair.LoadDiffusionModelPair, "personalization") == {
+        "LoRA": [("lora_name", False), ("lora_strength", False)],
+        "fine-tuned checkpoint": [("finetuned_model", False), ("full_delta", False)]}
     assert modes(nodes.weak_model.WeakModelInterpolator, "schedule") == {
         "constant": [("omega", False)], "linear": [("omega", False), ("omega_end", False)],
         "cosine": [("omega", False), ("omega_end", False)]}

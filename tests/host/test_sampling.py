@@ -240,33 +240,18 @@ def test_route_per_pair_kind(setup, pair_name, estimate, expected, monkeypatch):
 
 
 @pytest.mark.parametrize("pair_name,schedule", [("lora", "linear"), ("full", "constant"), ("full", "linear")])
-def test_low_vram_partial_load_matches_hand_reference(setup, pair_name, schedule, monkeypatch, caplog):
+def test_low_vram_partial_load_matches_hand_reference(setup, pair_name, schedule, caplog):
     """ComfyUI loads a model partially when VRAM is short: some layers then cast their weights on every forward and
     apply LoRA patches on the fly. The CPU never loads partially, so the load is told a third of the model fits;
     the rest is ComfyUI's own low-VRAM code. Cast layers take weak weights formed in their compute dtype; layers
     patched on the fly take the correction."""
-    import comfy.model_management
-    import comfy.model_patcher
-
     pair = setup["pairs"][pair_name][0]
     target = pair.finetuned.model
-    partially_load = comfy.model_patcher.ModelPatcher.partially_load
-
-    def short_of_memory(self, device_to, extra_memory=0, *args, **kwargs):
-        if self.model is target:
-            extra_memory = min(extra_memory, self.model_size() // 3)
-        return partially_load(self, device_to, extra_memory, *args, **kwargs)
-
-    comfy.model_management.unload_all_models()
     caplog.set_level(logging.INFO)
-    monkeypatch.setattr(comfy.model_patcher.ModelPatcher, "partially_load", short_of_memory)
-    try:
+    with tiny.partial_load(target):
         ours, _ = run_pack(setup, pair_name, schedule, "two-way", "guider", False)
         cast = [name for name, m in target.named_modules() if getattr(m, "comfy_cast_weights", False)]
         patched_on_the_fly = [name for name, m in target.named_modules() if getattr(m, "weight_function", None)]
-    finally:
-        monkeypatch.undo()
-        comfy.model_management.unload_all_models()
     assert target.model_lowvram is False  # unloaded again
     assert cast, "the load was not partial"
     if pair_name == "lora":

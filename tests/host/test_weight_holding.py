@@ -77,28 +77,15 @@ def test_weight_functions_in_a_forward_of_its_own_are_exact(setup, caplog):
     """Dynamic VRAM (0.33 on NVIDIA GPUs) streams the weights; a full pair then runs its weak evaluation in a forward
     of its own with ComfyUI's weight functions. On the CPU the weights are resident, so the route is forced, and a
     style LoRA, applied on the fly in a low-VRAM partial load, makes the layers patch their weights as they run."""
-    import comfy.model_patcher
     import nodes as comfy_nodes
 
     pair, base, ft = setup["full"], setup["unet"]["base"], setup["unet"]["finetuned"]
     styled = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(pair.finetuned, setup["files"]["lora"], 0.5)[0]
     lora = comfy.utils.load_torch_file(folder_paths.get_full_path_or_raise("loras", setup["files"]["lora"]))
     target = styled.model
-    partially_load = comfy.model_patcher.ModelPatcher.partially_load
-
-    def short_of_memory(self, device_to, extra_memory=0, *args, **kwargs):
-        if self.model is target:
-            extra_memory = min(extra_memory, self.model_size() // 3)
-        return partially_load(self, device_to, extra_memory, *args, **kwargs)
-
-    comfy.model_management.unload_all_models()
     caplog.set_level(logging.INFO)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(comfy.model_patcher.ModelPatcher, "partially_load", short_of_memory)
-        try:
-            ours = _guided(setup, styled, pair, route=setup["runtime"].Route.OWN_FORWARD)
-        finally:
-            comfy.model_management.unload_all_models()
+    with tiny.partial_load(target):
+        ours = _guided(setup, styled, pair, route=setup["runtime"].Route.OWN_FORWARD)
     assert "a forward of its own" in caplog.text and "WeightFunction x" in caplog.text
     # The fine-tuned model is theta_ft + 0.5 style; its weak model theta_pre + omega delta + 0.5 style.
     expected = _hand(reference.lora_weights(ft, lora, 0.5),

@@ -5,6 +5,7 @@ Nothing is downloaded: every tensor is drawn from a seeded generator here.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -145,3 +146,26 @@ def checkpoint_extras(seed: int) -> dict[str, torch.Tensor]:
         for k, v in module.state_dict().items():
             out[prefix + k] = v.half() if v.is_floating_point() else v
     return out
+
+
+@contextlib.contextmanager
+def partial_load(model: torch.nn.Module, fraction: int = 3):
+    """ComfyUI loads a model partially when VRAM is short: some layers then cast their weights on every forward and
+    apply LoRA patches on the fly. A CPU never loads partially, so ComfyUI is told that 1/``fraction`` of ``model``
+    (a BaseModel) fits; the rest is ComfyUI's own low-VRAM code. Every model is unloaded before and after."""
+    import comfy.model_management
+
+    partially_load = comfy.model_patcher.ModelPatcher.partially_load
+
+    def short_of_memory(self, device_to, extra_memory=0, *args, **kwargs):
+        if self.model is model:
+            extra_memory = min(extra_memory, self.model_size() // fraction)
+        return partially_load(self, device_to, extra_memory, *args, **kwargs)
+
+    comfy.model_management.unload_all_models()
+    comfy.model_patcher.ModelPatcher.partially_load = short_of_memory
+    try:
+        yield
+    finally:
+        comfy.model_patcher.ModelPatcher.partially_load = partially_load
+        comfy.model_management.unload_all_models()
