@@ -85,7 +85,7 @@ class Peak:
 # ---------------------------------------------------------------- the host
 
 
-def load_host(threads: int | None):
+def load_host(threads: int | None, weights: str = "fp16"):
     import torch
 
     if threads:
@@ -94,7 +94,9 @@ def load_host(threads: int | None):
     from comfy.cli_args import args
 
     args.cpu = True
-    args.fp16_unet = True  # weights held in fp16, computed in fp32 (the CPU): a mixed-dtype model
+    # fp16: weights held in fp16, computed in fp32 (the CPU), a mixed-dtype model; fp32: ComfyUI's CPU default,
+    # weights held as they are computed.
+    args.fp16_unet = weights == "fp16"
     import asyncio
 
     import utils.extra_config  # noqa: F401
@@ -190,11 +192,25 @@ def phase_form(opts) -> dict:
 
 def phase_sample(opts) -> dict:
     """Per-step time of each route, interleaved, and the peak memory one run of each adds."""
-    pack = load_host(opts.threads)
+    pack = load_host(opts.threads, opts.weights)
+    import logging
+
     import torch
 
     import comfy.samplers
     import nodes
+
+    taken: dict[str, str] = {}  # route name -> where the pack ran the weak evaluation (its own log line)
+
+    class Route(logging.Handler):
+        def emit(self, record):
+            text = record.getMessage()
+            if "the weak evaluation runs in" in text:
+                taken.setdefault(current, text.split("runs in ")[1].split(";")[0])
+
+    logging.getLogger(pack.__name__).addHandler(Route())
+    logging.getLogger(pack.__name__).setLevel(logging.INFO)
+    current = ""
 
     _folders(Path(opts.folder))
     names = make_files(opts.arch, Path(opts.folder))
@@ -241,6 +257,7 @@ def phase_sample(opts) -> dict:
     steps, first, memory = {n: [] for n in routes}, {n: [] for n in routes}, {}
     for repeat in range(opts.repeats + 1):  # the first round loads and warms up; not counted
         for name, make in routes.items():
+            current = name
             guider = make()
             stamps = [time.perf_counter()]
             with torch.inference_mode(), Peak() as peak:
@@ -252,7 +269,7 @@ def phase_sample(opts) -> dict:
                 memory[name] = max(memory.get(name, 0), peak.peak - peak.start)
     return {"params": sum(p.numel() for p in full_ft.model.diffusion_model.parameters()), "threads": torch.get_num_threads(),
             "routes": {n: {"step": statistics.median(steps[n]), "first": statistics.median(first[n]),
-                           "added": memory[n]} for n in routes}}
+                           "added": memory[n], "weak": taken.get(n, "")} for n in routes}}
 
 
 PHASES = {"load": phase_load, "form": phase_form, "sample": phase_sample}
@@ -262,7 +279,8 @@ def _child(opts, phase: str, **extra) -> dict:
     """Run one phase in a fresh process; its result comes back as JSON."""
     argv = [sys.executable, __file__, "--phase", phase, "--arch", opts.arch, "--folder", opts.folder,
             "--size", str(opts.size), "--steps", str(opts.steps), "--repeats", str(opts.repeats),
-            "--lam", str(opts.lam), "--omega", str(opts.omega), "--rank", str(extra.get("rank", 0))]
+            "--lam", str(opts.lam), "--omega", str(opts.omega), "--rank", str(extra.get("rank", 0)),
+            "--weights", opts.weights]
     if opts.threads:
         argv += ["--threads", str(opts.threads)]
     out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
@@ -288,17 +306,18 @@ def report_form(opts) -> None:
 
 def report_sample(opts) -> None:
     result = _child(opts, "sample")
-    print(f"{opts.arch}: {result['params'] / 1e6:.1f}M parameters, fp16 weights computed in fp32, CPU, "
+    held = "fp16 weights computed in fp32" if opts.weights == "fp16" else "fp32 weights"
+    print(f"{opts.arch}: {result['params'] / 1e6:.1f}M parameters, {held}, CPU, "
           f"{result['threads']} torch threads, {opts.size}x{opts.size}, euler, {opts.steps} steps, lambda {opts.lam}, "
           f"omega {opts.omega}; median of {opts.repeats} runs (steady steps), interleaved")
     print()
-    print("| route | s / step | ratio to CFG | first step, extra over CFG's | peak added while sampling |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print("| route | s / step | ratio to CFG | first step, extra over CFG's | peak added while sampling | weak evaluation (the pack's log) |")
+    print("| --- | ---: | ---: | ---: | ---: | --- |")
     routes = result["routes"]
     for name, r in routes.items():
         baseline = routes["CFG, LoRA model" if "LoRA" in name else "CFG, full fine-tune"]
         print(f"| {name} | {r['step']:.2f} | {r['step'] / baseline['step']:.2f}x | "
-              f"{r['first'] - baseline['first']:+.2f} s | {r['added'] / GIB:.2f} GiB |")
+              f"{r['first'] - baseline['first']:+.2f} s | {r['added'] / GIB:.2f} GiB | {r['weak'] or '–'} |")
 
 
 def main(argv=None):
@@ -315,6 +334,9 @@ def main(argv=None):
     parser.add_argument("--omega", type=float, default=0.5)
     parser.add_argument("--rank", type=int, default=0, help="form: also form a low-rank pair of this rank")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--weights", choices=("fp16", "fp32"), default="fp16",
+                        help="sample: how ComfyUI holds the UNet's weights on the CPU (fp16: --fp16-unet, computed in "
+                        "fp32; fp32: ComfyUI's CPU default)")
     opts = parser.parse_args(argv)
     Path(opts.folder).mkdir(parents=True, exist_ok=True)
     if opts.phase:
