@@ -76,7 +76,7 @@ def node_id(workflow: dict, kind: str) -> str:
 # ------------------------------------------------------------------------------------------------ the snapshot
 
 
-def test_snapshot_fits_live_comfyui(comfy_host, tiny_files):
+def test_snapshot_fits_live_comfyui(comfy_host, tiny_files, family_folders):
     import comfyui_version
 
     live = json.loads(schemas.dumps(schemas.build(schemas.snapshot_node_types(comfy_host))))
