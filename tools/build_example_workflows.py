@@ -66,8 +66,8 @@ GAP = 40  # between a node's bottom and the next node's title, and between colum
 # Height of the pack's nodes in their tallest mode, as both frontends compute it (rounded up): the node below is
 # placed clear of it, so that switching a DynamicCombo (which resizes the node) covers nothing.
 TALLEST = {
-    "PG_LoadFinetunedPair": 190,
-    "PG_LoadDiffusionModelPair": 220,
+    "PG_LoadFinetunedPair": 240,
+    "PG_LoadDiffusionModelPair": 230,
     "PG_WeakModelInterpolator": 160,
     "PG_PersonalizationGuider": 190,
     "PG_PersonalizationGuidanceModel": 130,
@@ -242,7 +242,7 @@ def _pair(personalization: str = "LoRA", base: str = BASE, lora: str = LORA) -> 
         widgets = {"personalization": "LoRA", "personalization.lora_name": lora, "personalization.lora_strength": 1.0}
     else:
         widgets = {"personalization": "fine-tuned checkpoint", "personalization.finetuned_checkpoint": DREAMBOOTH}
-    return Node("PG_LoadFinetunedPair", (400, 190 if personalization == "LoRA" else 170), {"base_checkpoint": base, **widgets})
+    return Node("PG_LoadFinetunedPair", (400, 190), {"base_checkpoint": base, **widgets})
 
 
 def _diffusion_model_loaders(files: dict[str, str], clip_type: str) -> dict[str, Node]:
