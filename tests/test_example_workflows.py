@@ -71,11 +71,14 @@ def origin_of(workflow: dict[str, Any], node: dict[str, Any], input_name: str) -
     return origin
 
 
-def test_there_are_the_three_examples_and_thumbnails():
+def test_there_are_the_examples_and_thumbnails():
     assert {p.stem for p in WORKFLOWS} >= {
         "LoRA pair, two-way guider",
         "DreamBooth pair, three-way with a negative prompt",
         "KSampler, omega rising over the run",
+        "SDXL LoRA pair, two-way guider",
+        "Qwen-Image LoRA pair, two-way guider",
+        "Wan 2.1 text to video, LoRA pair",
     }
     # The template browser asks for <name>.jpg beside each workflow for its card.
     for path in WORKFLOWS:
@@ -143,6 +146,66 @@ def test_ksampler_example_schedules_omega():
     assert schedule["schedule.omega"] != schedule["schedule.omega_end"]
     assert schedule["guidance_start"] <= schedule["guidance_end"]
     assert origin_of(workflow, sampler, "model") is patch and widgets(patch) == {"estimate": "two-way (paper)"}
+
+
+def test_sdxl_example_is_a_checkpoint_lora_pair_at_sdxl_size():
+    workflow = example("SDXL LoRA pair")
+    (pair,) = by_type(workflow, "PG_LoadFinetunedPair")
+    (guider,) = by_type(workflow, "PG_PersonalizationGuider")
+    (latent,) = by_type(workflow, "EmptyLatentImage")
+    assert widgets(pair)["personalization"] == "LoRA" and "sd_xl" in widgets(pair)["base_checkpoint"]
+    assert widgets(guider)["estimate"].startswith("two-way")
+    assert (widgets(latent)["width"], widgets(latent)["height"]) == (1024, 1024)
+    for name in ("positive", "null_conditioning"):
+        assert origin_of(workflow, origin_of(workflow, guider, name), "clip") is pair
+
+
+def _model_chain(workflow, node):
+    """The node types along ``node``'s model input, back to the loader."""
+    chain = []
+    while any(i["name"] == "model" for i in node["inputs"]):
+        node = origin_of(workflow, node, "model")
+        chain.append(node["type"])
+    return chain
+
+
+@pytest.mark.parametrize(("title_start", "clip_type", "shift"), [
+    ("Qwen-Image", "qwen_image", "ModelSamplingAuraFlow"), ("Wan 2.1", "wan", "ModelSamplingSD3")])
+def test_diffusion_transformer_examples_load_as_the_family_templates_do(title_start, clip_type, shift):
+    """Base and LoRA from the diffusion-model pair loader; text encoder and VAE from the stock loaders; the family's
+    sampling shift between the pair's fine-tuned model and the guidance; both prompts from the one text encoder."""
+    workflow = example(title_start)
+    (pair,) = by_type(workflow, "PG_LoadDiffusionModelPair")
+    (clip,) = by_type(workflow, "CLIPLoader")
+    (decode,) = by_type(workflow, "VAEDecode")
+    assert widgets(pair)["personalization"] == "LoRA" and widgets(pair)["weight_dtype"] == "default"
+    assert widgets(clip)["type"] == clip_type
+    assert origin_of(workflow, decode, "vae")["type"] == "VAELoader"
+    (weak,) = by_type(workflow, "PG_WeakModelInterpolator")
+    assert origin_of(workflow, weak, "pair") is pair and widgets(weak)["schedule.omega"] == 0.5
+    (guided,) = by_type(workflow, "PG_PersonalizationGuider") or by_type(workflow, "KSampler")
+    assert _model_chain(workflow, guided)[-2:] == [shift, "PG_LoadDiffusionModelPair"]
+    for node in by_type(workflow, "CLIPTextEncode"):
+        assert origin_of(workflow, node, "clip") is clip
+
+
+def test_wan_example_samples_a_video_with_the_ksampler_patch():
+    workflow = example("Wan 2.1")
+    (sampler,) = by_type(workflow, "KSampler")
+    (latent,) = by_type(workflow, "EmptyHunyuanLatentVideo")
+    (save,) = by_type(workflow, "SaveAnimatedWEBP")
+    assert _model_chain(workflow, sampler) == ["PG_PersonalizationGuidanceModel", "ModelSamplingSD3",
+                                               "PG_LoadDiffusionModelPair"]
+    assert (widgets(latent)["length"] - 1) % 4 == 0  # Wan's VAE takes 4k+1 frames
+    assert origin_of(workflow, save, "images")["type"] == "VAEDecode"
+
+
+def test_an_int_step_counts_from_the_minimum():
+    """The frontends round an INT to min % step plus a multiple of step (a video's 4k+1 frames)."""
+    (length,) = [i for i in SCHEMAS["EmptyHunyuanLatentVideo"]["inputs"] if i["name"] == "length"]
+    assert (length["min"], length["step"]) == (1, 4)
+    assert value_problem(length, 33) is None
+    assert value_problem(length, 32) == "32 is not 1 plus a multiple of the step 4"
 
 
 def test_pack_widget_defaults_fit_their_ranges():

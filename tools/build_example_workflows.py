@@ -49,6 +49,14 @@ BASE = "v1-5-pruned-emaonly.safetensors"
 LORA = "my_subject_lora.safetensors"
 DREAMBOOTH = "my_dreambooth_model.safetensors"
 PROMPT = "a photo of sks dog wearing a red hat on the beach"
+# The other families' files, named as ComfyUI's own templates for them name theirs.
+SDXL_BASE = "sd_xl_base_1.0.safetensors"
+SDXL_LORA = "my_sdxl_subject_lora.safetensors"
+QWEN_IMAGE = {"base": "qwen_image_fp8_e4m3fn.safetensors", "lora": "my_qwen_image_subject_lora.safetensors",
+              "text_encoder": "qwen_2.5_vl_7b_fp8_scaled.safetensors", "vae": "qwen_image_vae.safetensors"}
+WAN = {"base": "wan2.1_t2v_1.3B_fp16.safetensors", "lora": "my_wan2.1_subject_lora.safetensors",
+       "text_encoder": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "vae": "wan_2.1_vae.safetensors"}
+VIDEO_PROMPT = "sks dog wearing a red hat runs along the beach, waves rolling in, the camera follows it"
 NEGATIVE = "blurry, low quality, deformed, watermark"
 TWO_WAY, THREE_WAY = "two-way (paper)", "three-way"
 SEED = 42
@@ -58,7 +66,8 @@ GAP = 40  # between a node's bottom and the next node's title, and between colum
 # Height of the pack's nodes in their tallest mode, as both frontends compute it (rounded up): the node below is
 # placed clear of it, so that switching a DynamicCombo (which resizes the node) covers nothing.
 TALLEST = {
-    "PG_LoadFinetunedPair": 190,
+    "PG_LoadFinetunedPair": 240,
+    "PG_LoadDiffusionModelPair": 230,
     "PG_WeakModelInterpolator": 160,
     "PG_PersonalizationGuider": 190,
     "PG_PersonalizationGuidanceModel": 130,
@@ -228,12 +237,23 @@ COLUMNS = (40, 500, 980, 1390, 1790)  # pair and note; weak model and prompts; g
 NOTE_SIZE = (400, 330)
 
 
-def _pair(personalization: str = "LoRA") -> Node:
+def _pair(personalization: str = "LoRA", base: str = BASE, lora: str = LORA) -> Node:
     if personalization == "LoRA":
-        widgets = {"personalization": "LoRA", "personalization.lora_name": LORA, "personalization.lora_strength": 1.0}
+        widgets = {"personalization": "LoRA", "personalization.lora_name": lora, "personalization.lora_strength": 1.0}
     else:
         widgets = {"personalization": "fine-tuned checkpoint", "personalization.finetuned_checkpoint": DREAMBOOTH}
-    return Node("PG_LoadFinetunedPair", (400, 190 if personalization == "LoRA" else 170), {"base_checkpoint": BASE, **widgets})
+    return Node("PG_LoadFinetunedPair", (400, 190), {"base_checkpoint": base, **widgets})
+
+
+def _diffusion_model_loaders(files: dict[str, str], clip_type: str) -> dict[str, Node]:
+    """A LoRA pair from the diffusion_models folder, and the text encoder and VAE from their own loaders."""
+    return {
+        "pair": Node("PG_LoadDiffusionModelPair", (400, 190),
+                     {"base_model": files["base"], "weight_dtype": "default", "personalization": "LoRA",
+                      "personalization.lora_name": files["lora"], "personalization.lora_strength": 1.0}),
+        "clip": Node("CLIPLoader", (400, 110), {"clip_name": files["text_encoder"], "type": clip_type, "device": "default"}),
+        "vae": Node("VAELoader", (400, 60), {"vae_name": files["vae"]}),
+    }
 
 
 def _weak(schedule: str = "constant", omega: float = 0.5, omega_end: float | None = None, guidance_start: float = 0.0,
@@ -245,9 +265,9 @@ def _weak(schedule: str = "constant", omega: float = 0.5, omega_end: float | Non
     return Node("PG_WeakModelInterpolator", (420, 130 if schedule == "constant" else 160), widgets, title)
 
 
-def _prompts(negative: bool) -> dict[str, Node]:
+def _prompts(negative: bool, prompt: str = PROMPT) -> dict[str, Node]:
     nodes = {
-        "positive": Node("CLIPTextEncode", (420, 150), {"text": PROMPT}, "Prompt (c)"),
+        "positive": Node("CLIPTextEncode", (420, 150), {"text": prompt}, "Prompt (c)"),
         "null": Node("CLIPTextEncode", (420, 100), {"text": ""}, "Null prompt: leave empty"),
     }
     if negative:
@@ -255,41 +275,45 @@ def _prompts(negative: bool) -> dict[str, Node]:
     return nodes
 
 
-def _text_edges(negative: bool) -> list[tuple[str, str, str, str]]:
+def _text_edges(negative: bool, clip: tuple[str, str] = ("pair", "clip")) -> list[tuple[str, str, str, str]]:
     names = ("positive", "null", "negative") if negative else ("positive", "null")
-    return [("pair", "clip", name, "clip") for name in names]
+    return [(*clip, name, "clip") for name in names]
 
 
-def _sampling_inputs(steps: int = 25) -> dict[str, Node]:
+def _sampling_inputs(steps: int = 25, scheduler: str = "normal", latent: Node | None = None) -> dict[str, Node]:
     return {
         "noise": Node("RandomNoise", (360, 90), {"noise_seed": SEED}),
         "sampler": Node("KSamplerSelect", (360, 60), {"sampler_name": "euler"}),
-        "sigmas": Node("BasicScheduler", (360, 110), {"scheduler": "normal", "steps": steps, "denoise": 1.0}),
-        "latent": Node("EmptyLatentImage", (360, 110), {"width": 512, "height": 512, "batch_size": 1}),
+        "sigmas": Node("BasicScheduler", (360, 110), {"scheduler": scheduler, "steps": steps, "denoise": 1.0}),
+        "latent": latent or Node("EmptyLatentImage", (360, 110), {"width": 512, "height": 512, "batch_size": 1}),
     }
 
 
-def _custom_advanced_tail(guider: Node) -> tuple[dict[str, Node], list]:
+def _custom_advanced_tail(guider: Node, model: tuple[str, str] = ("pair", "finetuned_model"),
+                          vae: tuple[str, str] = ("pair", "vae"), **sampling) -> tuple[dict[str, Node], list]:
+    """The guider, SamplerCustomAdvanced and its inputs, decoding and saving; ``model`` is what the guider samples
+    and the scheduler schedules (the pair's fine-tuned model, or a model made from it); ``sampling`` as
+    ``_sampling_inputs``."""
     nodes = {
         "guider": guider,
-        **_sampling_inputs(),
+        **_sampling_inputs(**sampling),
         "sample": Node("SamplerCustomAdvanced", (320, 330)),
         "decode": Node("VAEDecode", (220, 50)),
         "save": Node("SaveImage", (420, 460), {"filename_prefix": "personalization_guidance"}),
     }
     edges = [
-        ("pair", "finetuned_model", "guider", "model"),
+        (*model, "guider", "model"),
         ("weak", "weak_model", "guider", "weak_model"),
         ("positive", "CONDITIONING", "guider", "positive"),
         ("null", "CONDITIONING", "guider", "null_conditioning"),
-        ("pair", "finetuned_model", "sigmas", "model"),
+        (*model, "sigmas", "model"),
         ("noise", "NOISE", "sample", "noise"),
         ("guider", "guider", "sample", "guider"),
         ("sampler", "SAMPLER", "sample", "sampler"),
         ("sigmas", "SIGMAS", "sample", "sigmas"),
         ("latent", "LATENT", "sample", "latent_image"),
         ("sample", "output", "decode", "samples"),
-        ("pair", "vae", "decode", "vae"),
+        (*vae, "decode", "vae"),
         ("decode", "IMAGE", "save", "images"),
     ]
     return nodes, edges
@@ -389,6 +413,118 @@ def ksampler_scheduled_omega() -> Workflow:
             "Scheduled omega: cosine from omega 0.2 (strong pull toward the subject) to omega_end 1.0 over the first "
             "80% of sampling (guidance_start 0 to guidance_end 0.8); after that, plain CFG. guidance_end < 1 leaves "
             "the last, detail-forming steps to the fine-tuned model.",
+            NOTE_SIZE,
+        ),
+    )
+
+
+def sdxl_lora() -> Workflow:
+    tail, tail_edges = _custom_advanced_tail(
+        _guider(TWO_WAY, guidance_scale=6.0),
+        latent=Node("EmptyLatentImage", (360, 110), {"width": 1024, "height": 1024, "batch_size": 1}))
+    return Workflow(
+        title="SDXL LoRA pair, two-way guider",
+        columns=_columns(["weak", "positive", "null"], GUIDANCE_COLUMN, ["sample"], ["decode", "save"]),
+        nodes={"pair": _pair(base=SDXL_BASE, lora=SDXL_LORA), "weak": _weak(), **_prompts(negative=False), **tail},
+        edges=[("pair", "pair", "weak", "pair"), *_text_edges(False), *tail_edges],
+        note=(
+            "SDXL: the base checkpoint and your subject LoRA as a pair; two-way personalization guidance (the "
+            "paper's), at the cost of CFG.\n\n"
+            "omega (Personalization Weak Model): how much of the LoRA the weak model keeps. 1 = plain CFG on the "
+            "LoRA model; lower pulls harder toward the subject (0 = base model). Start at 0.5.\n\n"
+            "guidance_scale (lambda): as CFG's scale; SDXL is usually sampled at 5-7. 1 = the LoRA model alone.\n\n"
+            "Both prompts are encoded with the pair's CLIP (the LoRA's text-encoder part included); keep the null "
+            "prompt empty. Sample at SDXL's 1024x1024 (or another size of about a megapixel). The preset sdxl_lora "
+            "(Personalization Preset Loader) is a scheduled start.",
+            NOTE_SIZE,
+        ),
+    )
+
+
+# Diffusion transformers ship as diffusion model, text encoder and VAE: the first column loads all three.
+DIT_FIRST_COLUMN = ("pair", "clip", "vae", "note")
+
+
+def qwen_image_lora() -> Workflow:
+    tail, tail_edges = _custom_advanced_tail(
+        _guider(TWO_WAY, guidance_scale=4.0), model=("shift", "MODEL"), vae=("vae", "VAE"), steps=20,
+        scheduler="simple",
+        latent=Node("EmptySD3LatentImage", (360, 110), {"width": 1328, "height": 1328, "batch_size": 1}))
+    return Workflow(
+        title="Qwen-Image LoRA pair, two-way guider",
+        columns=_columns(["weak", "positive", "null"], ["shift", *GUIDANCE_COLUMN], ["sample"], ["decode", "save"],
+                         first=DIT_FIRST_COLUMN),
+        nodes={
+            **_diffusion_model_loaders(QWEN_IMAGE, "qwen_image"),
+            "weak": _weak(),
+            **_prompts(negative=False),
+            "shift": Node("ModelSamplingAuraFlow", (360, 60), {"shift": 3.1}),
+            **tail,
+        },
+        edges=[
+            ("pair", "pair", "weak", "pair"),
+            *_text_edges(False, clip=("clip", "CLIP")),
+            ("pair", "finetuned_model", "shift", "model"),
+            *tail_edges,
+        ],
+        note=(
+            "Qwen-Image with a subject LoRA, two-way personalization guidance (the paper's), at the cost of CFG.\n\n"
+            "The Diffusion Model Pair Loader loads the base from the diffusion_models folder (as Load Diffusion Model "
+            "does) and the LoRA; the text encoder (type qwen_image) and the VAE come from their own loaders. "
+            "ModelSamplingAuraFlow (shift 3.1, as ComfyUI's Qwen-Image template) goes between the pair's fine-tuned "
+            "model and both the guider and the scheduler.\n\n"
+            "omega: how much of the LoRA the weak model keeps (1 = plain CFG, 0 = the base model). Start at 0.5.\n"
+            "guidance_scale (lambda): as CFG's scale; Qwen-Image is usually sampled at 2.5-4.\n\n"
+            "Keep the null prompt empty.",
+            NOTE_SIZE,
+        ),
+    )
+
+
+def wan_text_to_video_lora() -> Workflow:
+    return Workflow(
+        title="Wan 2.1 text to video, LoRA pair",
+        columns=_columns(["weak", "positive", "null"], ["shift", "patch", "latent"], ["sample"], ["decode", "save"],
+                         first=DIT_FIRST_COLUMN),
+        nodes={
+            **_diffusion_model_loaders(WAN, "wan"),
+            "weak": _weak(),
+            **_prompts(negative=False, prompt=VIDEO_PROMPT),
+            "shift": Node("ModelSamplingSD3", (360, 60), {"shift": 8.0}),
+            "patch": Node("PG_PersonalizationGuidanceModel", (360, 90), {"estimate": TWO_WAY}),
+            "latent": Node("EmptyHunyuanLatentVideo", (360, 130),
+                           {"width": 832, "height": 480, "length": 33, "batch_size": 1}),
+            "sample": Node("KSampler", (320, 270),
+                           {"seed": SEED, "steps": 30, "cfg": 6.0, "sampler_name": "uni_pc", "scheduler": "simple",
+                            "denoise": 1.0}),
+            "decode": Node("VAEDecode", (220, 50)),
+            "save": Node("SaveAnimatedWEBP", (420, 460),
+                         {"filename_prefix": "personalization_guidance", "fps": 16.0, "lossless": False,
+                          "quality": 90, "method": "default"}),
+        },
+        edges=[
+            ("pair", "pair", "weak", "pair"),
+            *_text_edges(False, clip=("clip", "CLIP")),
+            ("pair", "finetuned_model", "shift", "model"),
+            ("shift", "MODEL", "patch", "model"),
+            ("weak", "weak_model", "patch", "weak_model"),
+            ("patch", "MODEL", "sample", "model"),
+            ("positive", "CONDITIONING", "sample", "positive"),
+            ("null", "CONDITIONING", "sample", "negative"),
+            ("latent", "LATENT", "sample", "latent_image"),
+            ("sample", "LATENT", "decode", "samples"),
+            ("vae", "VAE", "decode", "vae"),
+            ("decode", "IMAGE", "save", "images"),
+        ],
+        note=(
+            "Wan 2.1 text to video (1.3B) with a subject LoRA, through the stock KSampler: the patched MODEL samples "
+            "with two-way personalization guidance. KSampler's cfg is lambda, and its negative must be the empty "
+            "prompt (the weak model sees it).\n\n"
+            "The Diffusion Model Pair Loader loads the base and the LoRA; the text encoder (type wan) and the VAE "
+            "come from their own loaders. ModelSamplingSD3 (shift 8, as ComfyUI's Wan template) goes before the "
+            "patch.\n\n"
+            "omega: how much of the LoRA the weak model keeps (1 = plain CFG, 0 = the base model). Start at 0.5.\n"
+            "832x480, 33 frames (length 4k+1), 16 fps: the 1.3B model's size; the 14B takes 1280x720.",
             NOTE_SIZE,
         ),
     )
@@ -516,8 +652,8 @@ def tuning_preset() -> Workflow:
 
 WORKFLOWS = {
     make().slug: make
-    for make in (lora_sampler_custom_advanced, full_checkpoint, ksampler_scheduled_omega, tuning_sweep,
-                 tuning_schedule_preview, tuning_preset)
+    for make in (lora_sampler_custom_advanced, full_checkpoint, ksampler_scheduled_omega, sdxl_lora, qwen_image_lora,
+                 wan_text_to_video_lora, tuning_sweep, tuning_schedule_preview, tuning_preset)
 }
 
 

@@ -11,12 +11,19 @@ set -euo pipefail
 comfyui=$(realpath "$1") python=$2 port=$3 work=$(realpath -m "$4")
 pack=$(realpath "$(dirname "$0")/..")
 
-mkdir -p "$work/custom_nodes" "$work/models/checkpoints" "$work/models/loras" "$work/user"
+mkdir -p "$work/custom_nodes" "$work/user"
 ln -sfn "$pack" "$work/custom_nodes/comfyui-personalization-guidance"
-for name in v1-5-pruned-emaonly.safetensors my_dreambooth_model.safetensors; do
-  touch "$work/models/checkpoints/$name"
-done
-touch "$work/models/loras/my_subject_lora.safetensors"
+placeholders() {  # FOLDER NAME...
+  local folder=$1; shift
+  mkdir -p "$work/models/$folder"
+  for name in "$@"; do touch "$work/models/$folder/$name"; done
+}
+placeholders checkpoints v1-5-pruned-emaonly.safetensors my_dreambooth_model.safetensors sd_xl_base_1.0.safetensors
+placeholders loras my_subject_lora.safetensors my_sdxl_subject_lora.safetensors \
+  my_qwen_image_subject_lora.safetensors my_wan2.1_subject_lora.safetensors
+placeholders diffusion_models qwen_image_fp8_e4m3fn.safetensors wan2.1_t2v_1.3B_fp16.safetensors
+placeholders text_encoders qwen_2.5_vl_7b_fp8_scaled.safetensors umt5_xxl_fp8_e4m3fn_scaled.safetensors
+placeholders vae qwen_image_vae.safetensors wan_2.1_vae.safetensors
 
 cd "$comfyui"
 "$python" main.py --cpu --listen 127.0.0.1 --port "$port" --base-directory "$work" \

@@ -92,3 +92,52 @@ def tiny_files(comfy_host):
         names[key] = name
     names["unet"] = {"base": base, "finetuned": finetuned}
     return names
+
+
+@pytest.fixture(scope="session")
+def family_folders(comfy_host):
+    """ComfyUI's vae and text_encoders folders, in the temporary model root: the Wan 2.1 VAE (also Qwen-Image's), and a
+    placeholder that CLIPLoader lists (the host tier never loads a text encoder: detectable.py says why)."""
+    import folder_paths
+    import torch
+
+    import detectable
+
+    root = comfy_host.models_root
+    for folder in ("vae", "text_encoders"):
+        (root / folder).mkdir()
+        folder_paths.folder_names_and_paths[folder] = ([str(root / folder)], folder_paths.supported_pt_extensions)
+    detectable.save(detectable.wan21_vae(seed=30), root / "vae" / "tiny_wan_2.1_vae.safetensors")
+    detectable.save({"never_loaded": torch.zeros(1)}, root / "text_encoders" / "placeholder_text_encoder.safetensors")
+    return {"wan_vae": "tiny_wan_2.1_vae.safetensors", "text_encoder": "placeholder_text_encoder.safetensors"}
+
+
+@pytest.fixture(scope="session")
+def detectable_files(comfy_host, family_folders):
+    """Per family of detectable.py: the tiny base model that ComfyUI's stock loaders detect as that family, a LoRA
+    for it, and its VAE, in ComfyUI's model folders; the names by family and role, and each model file's key shapes.
+
+    SDXL comes as a checkpoint (diffusion model and VAE, no text encoder), Qwen-Image and Wan 2.1 as diffusion models
+    with the Wan 2.1 VAE. Written once per session: about 1.3 GB, most of it Qwen-Image's one block in bf16."""
+    import detectable
+
+    root = comfy_host.models_root
+    files, shapes = {}, {}
+    for seed, family in enumerate(detectable.DETECTABLE.values(), start=31):
+        patcher = family.build(seed)
+        unet = patcher.model.diffusion_model.state_dict()
+        lora = f"tiny_{family.name}_lora.safetensors"
+        detectable.save(detectable.lora_for(patcher, seed + 10), root / "loras" / lora)
+        if family is detectable.SDXL:
+            base = "tiny_sdxl_base.safetensors"
+            checkpoint = {f"model.diffusion_model.{k}": v for k, v in unet.items()}
+            checkpoint.update({f"first_stage_model.{k}": v for k, v in detectable.sd_vae(seed + 20).items()})
+            detectable.save(checkpoint, root / "checkpoints" / base)
+            shapes[family.name] = {k: v.shape for k, v in unet.items()}
+            files[family.name] = {"base": base, "lora": lora}
+        else:
+            base = f"tiny_{family.name}.safetensors"
+            shapes[family.name] = detectable.save(unet, root / "diffusion_models" / base)
+            files[family.name] = {"base": base, "lora": lora, "vae": family_folders["wan_vae"]}
+        del patcher, unet
+    return {"files": files, "shapes": shapes, "text_encoder": family_folders["text_encoder"]}

@@ -15,7 +15,7 @@ combo's own value; ``node_inputs`` walks a node's inputs that way.
 Combos whose options are a model folder's files (checkpoints, LoRAs) are recorded
 as ``"file_list": <folder>`` plus their fixed options (such as "none"), so the
 snapshot names no model file. Telling them apart needs the model folders to hold
-files, as they do under the ``tiny_files`` fixture.
+files, as they do under the ``tiny_files`` and ``family_folders`` fixtures.
 
 The snapshot is written from the oldest ComfyUI the pack supports (v0.8.0), whose
 version it records. Regenerate it there after changing a node's inputs or a
@@ -56,6 +56,15 @@ STOCK_NODE_TYPES = (
     "KSampler",
     "VAEDecode",
     "SaveImage",
+    # Diffusion transformers (the SDXL, Qwen-Image and Wan examples): their text encoder, VAE, sampling shift,
+    # latents and video output.
+    "CLIPLoader",
+    "VAELoader",
+    "ModelSamplingAuraFlow",
+    "ModelSamplingSD3",
+    "EmptySD3LatentImage",
+    "EmptyHunyuanLatentVideo",
+    "SaveAnimatedWEBP",
 )
 
 DYNAMIC_COMBO = "COMFY_DYNAMICCOMBO_V3"
@@ -289,8 +298,10 @@ def value_problem(spec: dict[str, Any], value: Any) -> str | None:
     if kind == "INT":
         if not isinstance(value, int) or isinstance(value, bool):
             return f"{value!r} is not an integer"
-        if spec.get("step", 1) > 1 and value % spec["step"]:
-            return f"{value} is not a multiple of the step {spec['step']}"
+        step = spec.get("step", 1)
+        offset = spec.get("min", 0) % step  # the frontend rounds to the steps counted from the minimum's offset
+        if step > 1 and (value - offset) % step:
+            return f"{value} is not {f'{offset} plus ' if offset else ''}a multiple of the step {step}"
     elif kind == "FLOAT":
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
             return f"{value!r} is not a finite number"

@@ -1,5 +1,11 @@
 """The example workflows queued as ComfyUI's server queues them, on the tiny test models.
 
+The SD1.5 examples run on the tiny SD1.5 checkpoints; the SDXL, Qwen-Image and Wan
+examples on tiny files that ComfyUI's stock loaders detect as those families
+(detectable.py), with one substitution: no text encoder can be made tiny, so a test-only
+node stands in for CLIPLoader + CLIPTextEncode and gives the CONDITIONING of the family's
+encoder at the tiny model's widths. Every other node is ComfyUI's or the pack's own.
+
 Also: the node-schema snapshot that the torch-only workflow tests and the workflow
 generator rely on fits this ComfyUI. The pack's own nodes must equal it on every
 version; the stock nodes the workflows use may change between versions as long as
@@ -14,14 +20,23 @@ import json
 import os
 from pathlib import Path
 
+import detectable
 import pytest
 import schemas
 import workflow_api
 
-# The sampling examples, which save one image each; test_tuning_host.py queues the tuning ones.
-WORKFLOWS = sorted(p for p in schemas.WORKFLOWS_DIR.glob("*.json") if not p.stem.startswith("Tuning"))
+# The examples of the families that detectable.py writes tiny files for, and the family of each.
+FAMILY_EXAMPLES = {
+    "SDXL LoRA pair, two-way guider": "sdxl",
+    "Qwen-Image LoRA pair, two-way guider": "qwen_image",
+    "Wan 2.1 text to video, LoRA pair": "wan21",
+}
+# The SD1.5 sampling examples, which save one image each; test_tuning_host.py queues the tuning ones.
+WORKFLOWS = sorted(p for p in schemas.WORKFLOWS_DIR.glob("*.json")
+                   if not p.stem.startswith("Tuning") and p.stem not in FAMILY_EXAMPLES)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SIZE = 64
+FRAMES = 5  # a video's length: 2 latent frames, 5 decoded ones
 
 
 def workflow_path(title_start: str) -> Path:
@@ -61,11 +76,11 @@ def prompt_of(tiny_files, title_start: str, prefix: str, **changes) -> tuple[dic
     return workflow, workflow_api.to_api(workflow, overrides)
 
 
-def saved_pngs(prefix: str) -> list[Path]:
+def saved_pngs(prefix: str, extension: str = "png") -> list[Path]:
     import folder_paths
 
     folder, stem = os.path.split(prefix)
-    return sorted(Path(folder_paths.get_output_directory(), folder).glob(f"{stem}_*.png"))
+    return sorted(Path(folder_paths.get_output_directory(), folder).glob(f"{stem}_*.{extension}"))
 
 
 def node_id(workflow: dict, kind: str) -> str:
@@ -76,7 +91,7 @@ def node_id(workflow: dict, kind: str) -> str:
 # ------------------------------------------------------------------------------------------------ the snapshot
 
 
-def test_snapshot_fits_live_comfyui(comfy_host, tiny_files):
+def test_snapshot_fits_live_comfyui(comfy_host, tiny_files, family_folders):
     import comfyui_version
 
     live = json.loads(schemas.dumps(schemas.build(schemas.snapshot_node_types(comfy_host))))
@@ -193,3 +208,96 @@ def test_a_user_error_is_logged_as_one_line(executor, tiny_files, caplog):
     logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert any("The fine-tuned file is the base itself" in line for line in logged), logged
     assert not any("Traceback" in line for line in logged), logged
+
+
+# ------------------------------------------------------------------------- the examples of the other families
+
+TEXT_ENCODE = "TESTONLY_TinyTextEncode"
+
+
+class TinyTextEncode:
+    """TEST ONLY, in place of CLIPLoader + CLIPTextEncode: the CONDITIONING that the family's text encoder gives
+    (detectable.Detectable.conditioning: its widths and the extras the model reads), a function of the text."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"text": ("STRING", {"multiline": True}), "family": (list(detectable.DETECTABLE),)}}
+
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "encode"
+    CATEGORY = "_for_testing"
+
+    def encode(self, text: str, family: str):
+        return (detectable.DETECTABLE[family].conditioning(text),)
+
+
+@pytest.fixture(scope="module")
+def text_encoder_stand_in(comfy_host):
+    """The stand-in, known to ComfyUI while this module's tests run, and only then."""
+    import nodes
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(nodes.NODE_CLASS_MAPPINGS, TEXT_ENCODE, TinyTextEncode)
+        yield
+
+
+def with_text_encoder_stand_in(prompt: dict, family: str) -> dict:
+    """The one substitution: each CLIPTextEncode becomes the stand-in (same node id and text, so every link to it
+    holds), and the CLIPLoader that fed them is left out. Everything else is the workflow's own."""
+    out = {}
+    for node_id, node in prompt.items():
+        if node["class_type"] == "CLIPLoader":
+            continue
+        if node["class_type"] == "CLIPTextEncode":
+            node = {**node, "class_type": TEXT_ENCODE, "inputs": {"text": node["inputs"]["text"], "family": family}}
+        out[node_id] = node
+    return out
+
+
+def family_overrides(files: dict[str, str], prefix: str) -> workflow_api.Overrides:
+    """The workflow's model names swapped for the family's tiny files; 2 steps, 64x64 (5 frames), an output prefix."""
+    return {
+        "PG_LoadFinetunedPair": {"base_checkpoint": files["base"], "personalization.lora_name": files["lora"]},
+        "PG_LoadDiffusionModelPair": {"base_model": files["base"], "personalization.lora_name": files["lora"]},
+        "VAELoader": {"vae_name": files.get("vae")},
+        "BasicScheduler": {"steps": 2},
+        "KSampler": {"steps": 2},
+        "EmptyLatentImage": {"width": SIZE, "height": SIZE},
+        "EmptySD3LatentImage": {"width": SIZE, "height": SIZE},
+        "EmptyHunyuanLatentVideo": {"width": SIZE, "height": SIZE, "length": FRAMES},
+        "SaveImage": {"filename_prefix": prefix},
+        "SaveAnimatedWEBP": {"filename_prefix": prefix},
+    }
+
+
+@pytest.mark.parametrize("family", sorted(detectable.DETECTABLE))
+def test_tiny_files_are_detected_as_their_family(comfy_host, detectable_files, family):
+    """ComfyUI's model detection rebuilds each tiny model exactly: its class, every key, every shape."""
+    assert detectable.detected_exactly(detectable.DETECTABLE[family], detectable_files["shapes"][family]) is None
+
+
+@pytest.mark.parametrize("title", sorted(FAMILY_EXAMPLES))
+def test_family_example_executes(executor, detectable_files, text_encoder_stand_in, title):
+    from PIL import Image
+
+    family = FAMILY_EXAMPLES[title]
+    prefix = f"pg_examples/{family}"
+    workflow = json.loads((schemas.WORKFLOWS_DIR / f"{title}.json").read_text())
+    prompt = workflow_api.to_api(workflow, family_overrides(detectable_files["files"][family], prefix))
+    prompt = with_text_encoder_stand_in(prompt, family)
+    run = workflow_api.queue(executor, prompt)
+
+    assert run.valid, (run.error, run.node_errors)
+    assert run.success and not run.errors, run.errors
+    (output,) = [prompt[o]["class_type"] for o in run.outputs]
+    if output == "SaveAnimatedWEBP":
+        (saved,) = saved_pngs(prefix, "webp")
+        frames = FRAMES
+    else:
+        assert output == "SaveImage"
+        (saved,) = saved_pngs(prefix)
+        frames = 1
+    with Image.open(saved) as image:
+        assert image.size == (SIZE, SIZE) and getattr(image, "n_frames", 1) == frames
+        low, high = image.convert("L").getextrema()
+        assert low < high, "a flat picture: the sampled latent was not finite"
