@@ -32,14 +32,6 @@ class Claim:
     points: bool = False  # the estimate is a difference in success, written in percentage points
     group: str = ""  # the fine-tune it is about, or "" for both
 
-    def to_json(self) -> dict:
-        out = {"id": self.id, "verdict": self.verdict, "text": self.text}
-        if self.estimate is not None:
-            out["estimate"] = self.estimate.to_json()
-        if self.members:
-            out["members"] = self.members
-        return out
-
 
 def fmt(e: Estimate, points: bool = False, signed: bool = False) -> str:
     """``e`` as "mean [lo, hi]": success as percentage points, other scores to two decimals."""
@@ -72,14 +64,14 @@ def _difference(id_: str, lead: str, e: Estimate, higher: str, lower: str, point
 
 
 def _chosen(labels: list[str]) -> str:
-    """The settings chosen across the leave-one-out folds, most frequent first."""
+    """The settings chosen across the leave-one-replicate-out folds, most often chosen first."""
     counts: dict[str, int] = {}
     for label in labels:
         counts[label] = counts.get(label, 0) + 1
     ranked = sorted(counts.items(), key=lambda kv: -kv[1])
     if len(ranked) == 1:
-        return ranked[0][0]
-    return ", ".join(f"{label} ({n} of {len(labels)})" for label, n in ranked)
+        return f"`{ranked[0][0]}`" + (" in every fold" if len(labels) > 1 else "")
+    return ", ".join(f"`{label}` in {n} of {len(labels)}" for label, n in ranked)
 
 
 def model_claims(name: str, tab: Table, omegas: list[float], lambdas: list[float]) -> list[Claim]:
@@ -107,10 +99,10 @@ def model_claims(name: str, tab: Table, omegas: list[float], lambdas: list[float
         tuned = aggregate.tuned_difference(tab, a, b)
         claim = _difference(
             f"{name}: {id_}",
-            f"Success of {name_a} at its best setting ({_chosen(tuned.chosen_a)}) minus {name_b} at its best "
-            f"({_chosen(tuned.chosen_b)})",
+            f"Success of {name_a} minus {name_b}, each at its best setting chosen on the other replicates",
             tuned.difference, f"{name_a} higher", f"{name_a} lower",
         )
+        claim.text += f" Chosen: {_chosen(tuned.chosen_a)}; {_chosen(tuned.chosen_b)}."
         out.append(claim)
     low = min(omegas)
     pairs = [(f"{TWO_WAY} omega={low:g} lambda={lam:g}", f"{CFG} lambda={lam:g}") for lam in lambdas]

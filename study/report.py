@@ -69,23 +69,22 @@ def grid_table(tab: Table, config: dict) -> str:
     return _table(["two-way"] + [f"lambda = {lam:g}" for lam in config["lambdas"]], body)
 
 
-def _numbers(tree, prefix: str = "") -> dict[str, float]:
-    """Every number in a JSON tree, by path."""
-    if isinstance(tree, dict):
-        return {k: v for key, sub in tree.items() for k, v in _numbers(sub, f"{prefix}/{key}").items()}
-    if isinstance(tree, list):
-        return {k: v for i, sub in enumerate(tree) for k, v in _numbers(sub, f"{prefix}[{i}]").items()}
-    if isinstance(tree, (int, float)) and not isinstance(tree, bool):
-        return {prefix: float(tree)}
-    return {}
+def _scores(results: dict) -> dict[tuple, float]:
+    """Every score of every replicate (settings' metrics, success by context, text following), by where it is."""
+    out = {}
+    for r, rep in enumerate(results["replicates"]):
+        for name, model in rep["models"].items():
+            for row in model["settings"]:
+                out |= {(r, name, row["label"], m): row[m] for m in aggregate.METRICS}
+                out |= {(r, name, row["label"], c): v for c, v in row["success_by_context"].items()}
+        for name, scores in rep["text_following"].items():
+            out |= {(r, "text following", name, k): v for k, v in scores.items()}
+    return out
 
 
 def spread(a: dict, b: dict) -> dict:
     """How far two runs of the same settings differ: per-replicate scores, replicate means, claims."""
-    scores_a = _numbers([{k: v for k, v in rep.items() if k not in ("timings_s", "base_loaded_from_cache")}
-                         for rep in a["replicates"]])
-    scores_b = _numbers([{k: v for k, v in rep.items() if k not in ("timings_s", "base_loaded_from_cache")}
-                         for rep in b["replicates"]])
+    scores_a, scores_b = _scores(a), _scores(b)
     shared = scores_a.keys() & scores_b.keys()
     differ = sum(scores_a[k] != scores_b[k] for k in shared)
     success_gaps, replicate_gaps, mean_gaps, beyond = [], [], [], 0

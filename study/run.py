@@ -3,9 +3,9 @@
 Runs ``config.replicates`` independent replicates of the whole pipeline, each with its
 own seed: pre-trains the base model (cached in ``study/_cache/``), personalizes it
 twice (full fine-tune and LoRA), and samples every method of ``experiment.settings``
-on the same noise. Writes ``results.json`` (every replicate's scores, and the claims
-computed from them), ``RESULTS.md``, ``frontier.png`` and ``samples_*.png`` into the
-output folder (``study/`` by default).
+on the same noise. Writes ``results.json`` (every replicate's scores), ``RESULTS.md``
+(the claims computed from them, and tables), ``frontier.png`` and ``samples_*.png`` into
+the output folder (``study/`` by default).
 """
 
 from __future__ import annotations
@@ -23,18 +23,20 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from . import aggregate, claims, experiment, plot, report, train, world
+from . import aggregate, experiment, plot, report, train, world
 from .config import FULL, QUICK, Config
 from .guiders import FullPair, LoraPair, ModelPair
 from .model import Denoiser
 
 log = logging.getLogger("study")
 STUDY_DIR = Path(__file__).resolve().parent
-PRETRAIN_FIELDS = ("seed", "width", "pretrain_steps", "pretrain_batch", "pretrain_lr", "ema_decay", "drop_slot", "drop_prompt")
+# What the base model's weights depend on: its settings, and the thread count (sums are grouped by thread).
+PRETRAIN_FIELDS = ("seed", "threads", "width", "pretrain_steps", "pretrain_batch", "pretrain_lr", "ema_decay", "drop_slot",
+                   "drop_prompt")
 
 
 def _cache_path(config: Config, cache_dir: Path) -> Path:
-    """The cached base model's file: keyed by the pre-training settings, the code that trains it, and torch."""
+    """The cached base model's file: keyed by the pre-training settings and threads, the code that trains it, and torch."""
     key = repr([getattr(config, f) for f in PRETRAIN_FIELDS] + [torch.__version__])
     for module in ("world.py", "model.py", "train.py"):
         key += (STUDY_DIR / module).read_text()
@@ -176,7 +178,6 @@ def _run(config: Config, out: Path, cache: bool, compare: dict | None) -> dict:
         "parameters": records[0]["parameters"],
         "replicates": records,
     }
-    results["claims"] = [c.to_json() for c in claims.claims(results)]
     (out / "results.json").write_text(to_json(results) + "\n")
     for name, by_label in first_pictures.items():
         best = aggregate.best_per_method(aggregate.table(results, name))

@@ -86,9 +86,6 @@ class Estimate:
     def contains(self, value: float) -> bool:
         return self.lo is not None and self.lo <= value <= self.hi
 
-    def to_json(self) -> dict:
-        return {"mean": self.mean, "lo": self.lo, "hi": self.hi, "n": self.n}
-
 
 def estimate(values: list[float], level: float = LEVEL) -> Estimate:
     """The mean of per-replicate ``values`` and its t interval at ``level``."""

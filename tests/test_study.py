@@ -37,8 +37,8 @@ def test_quick_run_writes_every_output(quick_run):
     assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
     text = (out / "RESULTS.md").read_text()
-    for claim in results["claims"]:
-        assert claim["text"] in text
+    for claim in claims.claims(results):
+        assert claim.text in text
 
 
 def test_quick_run_metrics_are_finite_and_in_range(quick_run):
@@ -102,7 +102,7 @@ def test_report_only_cli_with_compare(quick_run, monkeypatch, tmp_path):
                                       "--compare", str(out / "results.json")])
     run.cli()
     text = (tmp_path / "RESULTS.md").read_text()
-    n = len(results["claims"])
+    n = len(claims.claims(results))
     assert f"agree in {n} of {n} cases" in text
 
 
