@@ -122,14 +122,14 @@ def mean_over(tab: Table, pairs: list[tuple[str, str]], metric: str) -> Estimate
     return estimate(diffs)
 
 
-def two_way_over_models(results: dict) -> Table:
-    """Two-way settings (with CFG as omega = 1), their scores averaged over the fine-tunes replicate by replicate."""
+def pooled(results: dict) -> Table:
+    """Every setting with its scores averaged over the fine-tunes, replicate by replicate (one recommendation for both)."""
     tables = [table(results, m) for m in models(results)]
     out: Table = {}
     for label, s in tables[0].items():
-        if s.method not in (Method.TWO_WAY.value, Method.CFG.value):
-            continue
-        values = {m: [sum(t[label].values[m][r] for t in tables) / len(tables) for r in range(len(s.values[m]))]
-                  for m in METRICS}
-        out[label] = Setting(label, s.row, values, {})
+        n = len(s.values["success"])
+        values = {m: [sum(t[label].values[m][r] for t in tables) / len(tables) for r in range(n)] for m in METRICS}
+        contexts = {c: [sum(t[label].by_context[c][r] for t in tables) / len(tables) for r in range(n)]
+                    for c in s.by_context}
+        out[label] = Setting(label, s.row, values, contexts)
     return out

@@ -30,7 +30,6 @@ class Claim:
     estimate: Estimate | None = None
     members: list[str] = field(default_factory=list)
     points: bool = False  # the estimate is a difference in success, written in percentage points
-    group: str = ""  # the fine-tune it is about, or "" for both
 
 
 def fmt(e: Estimate, points: bool = False, signed: bool = False) -> str:
@@ -58,11 +57,6 @@ def verdict_words(e: Estimate, higher: str, lower: str) -> str:
     return "no interval with one replicate"
 
 
-def _difference(id_: str, lead: str, e: Estimate, higher: str, lower: str, points: bool = True) -> Claim:
-    return Claim(id_, f"{lead}: {fmt(e, points, signed=True)}; {verdict_words(e, higher, lower)}.", e.verdict.value, e,
-                 points=points)
-
-
 def _chosen(labels: list[str]) -> str:
     """The settings chosen across the leave-one-replicate-out folds, most often chosen first."""
     counts: dict[str, int] = {}
@@ -74,64 +68,83 @@ def _chosen(labels: list[str]) -> str:
     return ", ".join(f"`{label}` in {n} of {len(labels)}" for label, n in ranked)
 
 
-def model_claims(name: str, tab: Table, omegas: list[float], lambdas: list[float]) -> list[Claim]:
-    """The claims about one fine-tune."""
-    out = []
+@dataclass
+class Comparison:
+    """A paired difference between two ways of sampling, and the words for its sign."""
+
+    id: str
+    lead: str  # what is subtracted from what
+    difference: Estimate
+    higher: str
+    lower: str
+    points: bool  # a difference in success, written in percentage points
+    chosen: str = ""  # for best-against-best: the settings each fold scored
+
+    def sentence(self) -> str:
+        text = f"{self.lead}: {fmt(self.difference, self.points, signed=True)}; " \
+               f"{verdict_words(self.difference, self.higher, self.lower)}."
+        return text + (f" Chosen: {self.chosen}." if self.chosen else "")
+
+
+def comparisons(tab: Table, omegas: list[float], lambdas: list[float]) -> list[Comparison]:
+    """The study's questions, asked of one table (a fine-tune's, or both pooled)."""
     ft = tab[FINETUNED]
-    gap = estimate([a - b for a, b in zip(ft.values["alignment"], ft.values["alignment_training_context"],
-                                                     strict=True)])
-    out.append(_difference(
-        f"{name}: the failure",
-        f"Without guidance, the fine-tuned model shows the prompted background in "
-        f"{fmt(ft.estimate('alignment'))} of the ring pixels in new contexts, against "
-        f"{fmt(ft.estimate('alignment_training_context'))} in the training context; new minus training",
-        gap, "higher in new contexts", "lower in new contexts", points=False,
-    ))
-    comparisons = [
-        ("CFG vs no guidance", (CFG,), (FINETUNED,), "CFG", "the fine-tuned model alone"),
-        ("autoguidance vs CFG", (AUTOGUIDANCE,), (CFG,), "autoguidance", "CFG"),
-        ("PG vs CFG", PG_METHODS, (CFG,), "personalization guidance (any of its forms)", "CFG"),
-        ("two-way PG vs CFG", (TWO_WAY,), (CFG,), "two-way personalization guidance (the paper's)", "CFG"),
-        ("PG vs autoguidance", PG_METHODS, (AUTOGUIDANCE,), "personalization guidance (any of its forms)",
+    out = [Comparison(
+        "the failure",
+        f"Without guidance, the fine-tuned model shows the prompted background in {fmt(ft.estimate('alignment'))} of "
+        f"the ring pixels in new contexts, against {fmt(ft.estimate('alignment_training_context'))} in the training "
+        "context; new minus training",
+        estimate([a - b for a, b in zip(ft.values["alignment"], ft.values["alignment_training_context"], strict=True)]),
+        "higher in new contexts", "lower in new contexts", points=False,
+    )]
+    lams = "{" + ", ".join(f"{lam:g}" for lam in lambdas) + "}"
+    low = min(omegas)
+    same_lambda = [
+        ("autoguidance vs CFG, alignment", AUTOGUIDANCE + " lambda={lam:g}", "autoguidance", "alignment"),
+        (f"omega {low:g} vs CFG, alignment", f"{TWO_WAY} omega={low:g} lambda={{lam:g}}", f"two-way at omega = {low:g}",
+         "alignment"),
+        (f"omega {low:g} vs CFG, fidelity", f"{TWO_WAY} omega={low:g} lambda={{lam:g}}", f"two-way at omega = {low:g}",
+         "fidelity"),
+    ]
+    for id_, pattern, name, metric in same_lambda:
+        pairs = [(pattern.format(lam=lam), f"{CFG} lambda={lam:g}") for lam in lambdas]
+        out.append(Comparison(
+            id_, f"{name[0].upper() + name[1:]} minus CFG at the same lambda, {metric} (mean over lambda in {lams})",
+            aggregate.mean_over(tab, pairs, metric), f"{metric} higher with {name}", f"{metric} lower with {name}",
+            points=False,
+        ))
+    best_against_best = [
+        ("PG vs CFG, success", PG_METHODS, (CFG,), "personalization guidance (any of its forms)", "CFG"),
+        ("two-way PG vs CFG, success", (TWO_WAY,), (CFG,), "two-way personalization guidance (the paper's)", "CFG"),
+        ("PG vs autoguidance, success", PG_METHODS, (AUTOGUIDANCE,), "personalization guidance (any of its forms)",
          "autoguidance"),
     ]
-    for id_, a, b, name_a, name_b in comparisons:
+    for id_, a, b, name_a, name_b in best_against_best:
         tuned = aggregate.tuned_difference(tab, a, b)
-        claim = _difference(
-            f"{name}: {id_}",
-            f"Success of {name_a} minus {name_b}, each at its best setting chosen on the other replicates",
-            tuned.difference, f"{name_a} higher", f"{name_a} lower",
-        )
-        claim.text += f" Chosen: {_chosen(tuned.chosen_a)}; {_chosen(tuned.chosen_b)}."
-        out.append(claim)
-    low = min(omegas)
-    pairs = [(f"{TWO_WAY} omega={low:g} lambda={lam:g}", f"{CFG} lambda={lam:g}") for lam in lambdas]
-    for metric in ("alignment", "fidelity"):
-        e = aggregate.mean_over(tab, pairs, metric)
-        out.append(_difference(
-            f"{name}: omega {low:g} {metric}",
-            f"Two-way at omega = {low:g} minus CFG at the same lambda, {metric} (mean over lambda in "
-            f"{{{', '.join(f'{lam:g}' for lam in lambdas)}}})",
-            e, f"{metric} higher at omega {low:g}", f"{metric} lower at omega {low:g}", points=False,
+        out.append(Comparison(
+            id_, f"Success of {name_a} minus {name_b}, each at its best setting chosen on the other replicates",
+            tuned.difference, f"{name_a} higher", f"{name_a} lower", points=True,
+            chosen=f"{_chosen(tuned.chosen_a)}; {_chosen(tuned.chosen_b)}",
         ))
     return out
 
 
-def defaults_claim(results: dict) -> Claim:
-    """The two-way setting (CFG as omega = 1) with the highest success averaged over the fine-tunes, and its equals."""
-    tab = aggregate.two_way_over_models(results)
-    top = aggregate.best(tab, (TWO_WAY, CFG))
-    equals = [top] + [label for label in tab
-                      if label != top and aggregate.paired(tab, label, top, "success").verdict != Verdict.LOWER]
-    text = (f"Averaged over both fine-tunes, the two-way setting with the highest mean success is {_omega_lambda(tab[top])} "
-            f"({fmt(tab[top].estimate('success'), points=True)}). ")
-    others = [_omega_lambda(tab[label]) for label in equals if label != top]
+def defaults_claim(tab: Table) -> Claim:
+    """The two-way setting (CFG as omega = 1) with the highest success in ``tab``, and the settings it cannot be told from."""
+    grid = {label: s for label, s in tab.items() if s.method in (TWO_WAY, CFG)}
+    top = aggregate.best(grid, (TWO_WAY, CFG))
+    equals = [top] + [label for label in grid
+                      if label != top and aggregate.paired(grid, label, top, "success").verdict != Verdict.LOWER]
+    text = (f"The two-way setting with the highest mean success is {_omega_lambda(grid[top])} "
+            f"({fmt(grid[top].estimate('success'), points=True)}). ")
+    others = [_omega_lambda(grid[label]) for label in equals if label != top]
     if others:
         text += (f"The data cannot tell it apart (paired difference in success within its interval) from "
                  f"{len(others)} other setting(s) of the grid: {'; '.join(others)}.")
     else:
         text += "Every other setting of the grid is lower, outside the interval."
-    return Claim(DEFAULTS_ID, text, "best, then its equals: " + ", ".join(equals), tab[top].estimate("success"), equals)
+    return Claim(DEFAULTS_ID, text, "best, then its equals: " + ", ".join(equals), grid[top].estimate("success"),
+                 equals)
 
 
 def _omega_lambda(s: aggregate.Setting) -> str:
@@ -140,14 +153,16 @@ def _omega_lambda(s: aggregate.Setting) -> str:
 
 
 def claims(results: dict) -> list[Claim]:
-    """Every claim of a run, model by model, then the suggested defaults."""
+    """Every claim of a run: the comparisons on both fine-tunes pooled (averaged replicate by replicate), then the defaults.
+
+    Pooling asks each question once, of the two fine-tunes together: fewer claims, each on
+    less noisy numbers. Each fine-tune's own figures are in the report's tables.
+    """
     config = results["config"]
-    out = []
-    for name in aggregate.models(results):
-        for c in model_claims(name, aggregate.table(results, name), config["omegas"], config["lambdas"]):
-            c.group = name
-            out.append(c)
-    out.append(defaults_claim(results))
+    tab = aggregate.pooled(results)
+    out = [Claim(c.id, c.sentence(), c.difference.verdict.value, c.difference, points=c.points)
+           for c in comparisons(tab, config["omegas"], config["lambdas"])]
+    out.append(defaults_claim(tab))
     return out
 
 

@@ -124,7 +124,9 @@ def machine_section(results: dict, compare: dict | None) -> str:
     text += (
         f"\n**Measured.** This run ({results['torch']['threads']} thread(s), torch {results['torch']['version']}) "
         f"against another run of {'the same settings' if same else 'other settings (the comparison is not like for like)'} "
-        f"({compare['torch']['threads']} thread(s), torch {compare['torch']['version']}), replicate by replicate "
+        f"({compare['torch']['threads']} thread(s), torch {compare['torch']['version']}"
+        + (f"; its results: `{compare['source']}`" if "source" in compare else "")
+        + "), replicate by replicate "
         f"(the same seeds): {s['differ']} of {s['values']} per-replicate scores differ. A setting's success in one "
         f"replicate differs by {100 * s['success_mean_gap']:.1f} points on average, at most "
         f"{100 * s['success_max_gap']:.0f}"
@@ -153,6 +155,18 @@ def _verdict_cell(c: claims.Claim) -> str:
     return f"{c.verdict}: {claims.fmt(c.estimate, points=c.points, signed=True)}"
 
 
+def by_fine_tune(results: dict) -> str:
+    """The claims' comparisons asked of each fine-tune alone: figures with intervals, not claims."""
+    config = results["config"]
+    names = aggregate.models(results)
+    columns = [claims.comparisons(aggregate.table(results, n), config["omegas"], config["lambdas"]) for n in names]
+    columns.append(claims.comparisons(aggregate.pooled(results), config["omegas"], config["lambdas"]))
+    body = [[rows[0].id] + [claims.fmt(c.difference, c.points, signed=True) for c in rows]
+            for rows in zip(*columns, strict=True)]
+    return ("The same comparisons for each fine-tune alone (figures, not claims: each rests on half the data):\n\n"
+            + _table(["comparison"] + names + ["both (the claims)"], body) + "\n")
+
+
 def markdown(results: dict, compare: dict | None = None) -> str:
     """The whole RESULTS.md; ``compare`` (another run's results) adds the measured spread between the runs."""
     config, timings = results["config"], results["timings_s"]
@@ -172,16 +186,11 @@ def markdown(results: dict, compare: dict | None = None) -> str:
         lambdas=_list(config["lambdas"]), level=LEVEL, new=config["seeds"] * (len(world.BACKGROUNDS) - 1),
         t=t_quantile(0.5 + LEVEL / 2, n - 1) if n > 1 else float("nan"), df=n - 1,
     )]
-    parts.append("## Claims\n\nEach claim is computed from the replicates by `claims.py`; its verdict is what a rerun "
-                 "should reproduce, its figures may move within their intervals. Success differences are in "
-                 "percentage points.\n")
-    group = None
-    for i, c in enumerate(claims.claims(results), 1):
-        if c.group != group:
-            group = c.group
-            parts.append(f"\n**{group or 'Both fine-tunes'}**\n")
-        parts.append(f"{i}. {c.text}")
-    parts.append("")
+    parts.append("## Claims\n\nEach claim is computed from the replicates by `claims.py`, on the two fine-tunes "
+                 "pooled (their scores averaged within each replicate); its verdict is what a rerun should reproduce, "
+                 "its figures may move within their intervals. Success differences are in percentage points.\n")
+    parts += [f"{i}. {c.text}" for i, c in enumerate(claims.claims(results), 1)]
+    parts.append("\n" + by_fine_tune(results))
     parts.append(machine_section(results, compare))
     tf_names = list(reps[0]["text_following"])
     tf_body = [[name] + [_pm(aggregate.estimate([r["text_following"][name][k] for r in reps]))

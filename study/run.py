@@ -225,7 +225,10 @@ def cli() -> None:
                         help="rewrite RESULTS.md and frontier.png from the output folder's results.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    compare = json.loads(args.compare.read_text()) if args.compare else None
+    compare = None
+    if args.compare:
+        compare = json.loads(args.compare.read_text())
+        compare["source"] = args.compare.as_posix()  # named in the report
     if args.report_only:
         out = args.out or STUDY_DIR
         write_report(json.loads((out / "results.json").read_text()), out, compare)

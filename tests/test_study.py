@@ -232,12 +232,13 @@ def test_claims_disagree_when_a_verdict_flips(quick_run):
     def with_failure(new: float, training: float) -> dict:
         out = copy.deepcopy(results)
         for rep in out["replicates"]:
-            for row in rep["models"]["full fine-tune"]["settings"]:
-                if row["method"] == Method.FINETUNED.value:
-                    row["alignment"], row["alignment_training_context"] = new, training
+            for model in rep["models"].values():
+                for row in model["settings"]:
+                    if row["method"] == Method.FINETUNED.value:
+                        row["alignment"], row["alignment_training_context"] = new, training
         return out
 
     lost, kept = with_failure(0.0, 1.0), with_failure(1.0, 0.0)
     verdicts = {c.id: c.verdict for c in claims.claims(lost)}
-    assert verdicts["full fine-tune: the failure"] == stats.Verdict.LOWER.value
-    assert [c.id for c, _, ok in claims.agreement(lost, kept) if not ok] == ["full fine-tune: the failure"]
+    assert verdicts["the failure"] == stats.Verdict.LOWER.value
+    assert [c.id for c, _, ok in claims.agreement(lost, kept) if not ok] == ["the failure"]
