@@ -109,6 +109,25 @@ def spread(a: dict, b: dict) -> dict:
     }
 
 
+def load_text(results: dict) -> str:
+    """How busy the machine was during a run (recorded since the load was found to double wall times)."""
+    m = results.get("machine")
+    if m is None:
+        return ("The machine's load was not recorded in this run's results.json (the README's study section gives "
+                "it); wall times depend on it, the figures do not.")
+    return (f"Load average (1, 5, 15 min) on its {m['cpus']} CPU(s): {', '.join(f'{v:.1f}' for v in m['load_start'])} "
+            f"at the start, {', '.join(f'{v:.1f}' for v in m['load_end'])} at the end (this run itself adds about "
+            f"{results['torch']['workers'] * results['torch']['threads']}); {m['cpu_s']:.0f} CPU seconds in all.")
+
+
+def _runtime_line(results: dict) -> str:
+    t, timings, m = results["torch"], results["timings_s"], results.get("machine")
+    load = ("load not recorded in its results.json" if m is None else
+            f"1-minute load average {m['load_start'][0]:.1f} at the start, {m['load_end'][0]:.1f} at the end")
+    return (f"{timings['total'] / 60:.1f} min with {t['workers']} worker(s) x {t['threads']} thread(s) "
+            f"(pre-training {timings['pretraining']:.0f} s summed over replicates; {load})")
+
+
 RUNTIME = ("threads", "workers")  # settings of how a run is executed, not of what it computes
 
 
@@ -143,6 +162,8 @@ def machine_section(results: dict, compare: dict | None) -> str:
         agree += ok
         rows.append([mine.id, _verdict_cell(mine), "-" if theirs is None else _verdict_cell(theirs),
                      "yes" if ok else "**no**"])
+    text += (f"Wall clock: this run {_runtime_line(results)}; the other run {_runtime_line(compare)}. "
+             "Wall times depend on the machine, the thread layout and the load from other jobs.\n\n")
     text += f"The claims of the two runs agree in {agree} of {len(rows)} cases:\n\n"
     text += _table(["claim", f"this run ({results['torch']['threads']} thread(s))",
                     f"other run ({compare['torch']['threads']} thread(s))", "agree"], rows) + "\n"
@@ -184,7 +205,7 @@ def markdown(results: dict, compare: dict | None = None) -> str:
         lora_steps=config["lora_steps"], lora_lr=config["lora_lr"], omegas=_list(config["omegas"]),
         three_way_omega=config["three_way_omega"], three_way_lambda_p=_list(config["three_way_lambda_p"]),
         lambdas=_list(config["lambdas"]), level=LEVEL, new=config["seeds"] * (len(world.BACKGROUNDS) - 1),
-        t=t_quantile(0.5 + LEVEL / 2, n - 1) if n > 1 else float("nan"), df=n - 1,
+        t=t_quantile(0.5 + LEVEL / 2, n - 1) if n > 1 else float("nan"), df=n - 1, load=load_text(results),
     )]
     parts.append("## Claims\n\nEach claim is computed from the replicates by `claims.py`, on the two fine-tunes "
                  "pooled (their scores averaged within each replicate); its verdict is what a rerun should reproduce, "
@@ -224,6 +245,7 @@ python -m study.run                          # from the repository root: this fi
 python -m study.run --replicates 10          # more replicates: narrower intervals, proportionally longer
 python -m study.run --threads 2 --workers 1 --out /tmp/t2  # another thread count (see "Between machines")
 python -m study.run --report-only --compare /tmp/t2/results.json  # this file, with the measured spread
+python -m study.run --report-only --compare study/results_threads2.json  # as committed: against a 2-thread run
 python -m study.run --no-cache               # pre-train again even if study/_cache/ holds the base models
 python -m study.run --quick --out /tmp/quick # the reduced run of the test suite (seconds)
 ```
@@ -231,7 +253,7 @@ python -m study.run --quick --out /tmp/quick # the reduced run of the test suite
 This run: {n} replicates (seeds {seeds_list}), {total:.1f} minutes of wall clock with {workers}
 worker process(es) of {threads} torch thread(s) each, torch {version}. Summed over replicates:
 pre-training {pretraining:.0f} s ({cached} of {n} base models loaded from study/_cache/),
-personalization {personalization:.0f} s, sampling and scoring {sampling:.0f} s.
+personalization {personalization:.0f} s, sampling and scoring {sampling:.0f} s. {load}
 
 ## How to read the figures
 
@@ -294,6 +316,8 @@ every per-replicate figure can change on another machine (or with another `--thr
 trained models, and so the pictures and their scores. What a rerun should reproduce are the
 verdicts of the claims above; the means may move within their intervals. The same machine,
 thread count and torch give the same numbers. This run used {threads} thread(s), torch {version}.
+Wall times vary more than the figures: with the CPU, the split into workers and threads, and
+above all the load from other jobs on the same cores.
 """
 
 LIMITS = """## Limits of the evidence

@@ -1,4 +1,4 @@
-"""Run the study: ``python -m study.run`` (about 20 minutes on 2 CPU cores), or ``main(quick=True)`` (seconds).
+"""Run the study: ``python -m study.run`` (2 CPU cores: see RESULTS.md for measured times), or ``main(quick=True)``.
 
 Runs ``config.replicates`` independent replicates of the whole pipeline, each with its
 own seed: pre-trains the base model (cached in ``study/_cache/``), personalizes it
@@ -15,6 +15,8 @@ import hashlib
 import json
 import logging
 import multiprocessing
+import os
+import resource
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, replace
@@ -161,8 +163,14 @@ def _replicates(config: Config, cache_dir: Path | None):
             yield future.result()
 
 
+def _cpu_seconds() -> float:
+    """User and system CPU seconds of this process and of its finished children (the replicate workers)."""
+    return sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF),
+                                                  resource.getrusage(resource.RUSAGE_CHILDREN)))
+
+
 def _run(config: Config, out: Path, cache: bool, compare: dict | None) -> dict:
-    start = time.perf_counter()
+    start, cpu_start, load_start = time.perf_counter(), _cpu_seconds(), os.getloadavg()
     records, first_pictures = [], None
     for record, pictures in _replicates(config, STUDY_DIR / "_cache" if cache else None):
         records.append(record)
@@ -175,6 +183,9 @@ def _run(config: Config, out: Path, cache: bool, compare: dict | None) -> dict:
         "config": asdict(config),
         "torch": {"version": torch.__version__, "threads": config.threads, "workers": config.workers},
         "timings_s": totals,
+        # How busy the machine was: wall times depend on it (the figures do not).
+        "machine": {"cpus": os.cpu_count(), "load_start": [round(v, 2) for v in load_start],
+                    "load_end": [round(v, 2) for v in os.getloadavg()], "cpu_s": round(_cpu_seconds() - cpu_start, 1)},
         "parameters": records[0]["parameters"],
         "replicates": records,
     }

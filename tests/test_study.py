@@ -242,3 +242,25 @@ def test_claims_disagree_when_a_verdict_flips(quick_run):
     verdicts = {c.id: c.verdict for c in claims.claims(lost)}
     assert verdicts["the failure"] == stats.Verdict.LOWER.value
     assert [c.id for c, _, ok in claims.agreement(lost, kept) if not ok] == ["the failure"]
+
+
+def test_a_one_sided_claim_says_only_whether_it_is_lower():
+    def pg_vs_cfg(differences: list[float]) -> claims.Comparison:
+        return claims.Comparison("PG vs CFG, success", "PG minus CFG", stats.estimate(differences), "PG higher",
+                                 "PG lower", points=True, one_sided=True)
+
+    higher, within, lower = pg_vs_cfg([0.05, 0.06, 0.07]), pg_vs_cfg([-0.05, 0.02, 0.1]), pg_vs_cfg([-0.05, -0.06, -0.07])
+    assert higher.difference.verdict == stats.Verdict.HIGHER
+    assert higher.verdict == within.verdict == claims.NOT_SHOWN_LOWER  # a gain in one run and none in another agree
+    assert lower.verdict == stats.Verdict.LOWER.value
+    assert "PG higher" not in higher.sentence() and "PG lower: not shown" in higher.sentence()
+    assert "PG vs CFG, success" in claims.ONE_SIDED
+
+
+def test_machine_load_is_recorded_and_reported(quick_run):
+    _, results = quick_run
+    m = results["machine"]
+    assert m["cpus"] >= 1 and len(m["load_start"]) == len(m["load_end"]) == 3 and m["cpu_s"] > 0
+    assert "CPU seconds in all" in report.markdown(results)
+    older = {k: v for k, v in results.items() if k != "machine"}  # runs before the load was recorded
+    assert "load was not recorded" in report.markdown(older)
