@@ -33,7 +33,6 @@ def settings(config: Config) -> list[Setting]:
     schedules = (
         OmegaSchedule(OmegaShape.LINEAR, 0.0, 1.0),  # strong unlearning first, none at the end
         OmegaSchedule(OmegaShape.LINEAR, 1.0, 0.0),  # the reverse
-        OmegaSchedule(OmegaShape.COSINE, 0.5, 1.0),
         OmegaSchedule(OmegaShape.CONSTANT, 0.75, 0.75, p_start=0.0, p_end=0.5),  # then plain CFG
     )
     grid += [Setting(Method.SCHEDULED, lam, schedule) for schedule in schedules for lam in config.lambdas]

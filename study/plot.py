@@ -10,6 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from torch import Tensor  # noqa: E402
 
+from . import aggregate  # noqa: E402
 from .guiders import Method  # noqa: E402
 
 COLOURS = {
@@ -34,29 +35,46 @@ FIDELITIES = (
 
 
 def frontier(results: dict, path: Path) -> None:
-    """One column per fine-tune, one row per fidelity score: every setting a dot, each method's frontier a line."""
-    models = list(results["models"])
+    """One column per fine-tune, one row per fidelity score.
+
+    Every setting is a faint dot at its mean over replicates; each method's frontier of
+    the means is a line, with error bars (the interval over replicates, both axes) on
+    its points; thin lines are each replicate's own frontier of that method.
+    """
+    models = aggregate.models(results)
     fig, axes = plt.subplots(len(FIDELITIES), len(models), figsize=(5.5 * len(models), 4.6 * len(FIDELITIES)),
                              squeeze=False)
+    n = len(results["replicates"])
     for row, (key, ylabel) in enumerate(FIDELITIES):
         for ax, name in zip(axes[row], models, strict=True):
-            rows = results["models"][name]["settings"]
+            tab = aggregate.table(results, name)
             for method, colour in COLOURS.items():
-                pts = [(r["alignment"], r[key]) for r in rows if r["method"] == method]
-                if not pts:
+                own = [s for s in tab.values() if s.method == method]
+                if not own:
                     continue
-                ax.scatter(*zip(*pts, strict=True), s=12, color=colour, alpha=0.35, linewidths=0)
-                ax.plot(*zip(*pareto(pts), strict=True), "-o", color=colour, markersize=4, label=method)
-            ft = next(r for r in rows if r["method"] == Method.FINETUNED.value)
-            ax.plot(ft["alignment"], ft[key], "k*", markersize=12, label="fine-tuned, no guidance")
-            ax.set_title(f"{name}: new contexts")
+                for r in range(n if n > 1 else 0):
+                    front = pareto([(s.values["alignment"][r], s.values[key][r]) for s in own])
+                    ax.plot(*zip(*front, strict=True), "-", color=colour, linewidth=0.6, alpha=0.3)
+                means = {(s.mean("alignment"), s.mean(key)): s for s in own}
+                ax.scatter(*zip(*means, strict=True), s=12, color=colour, alpha=0.35, linewidths=0)
+                front = pareto(list(means))
+                ax.plot(*zip(*front, strict=True), "-o", color=colour, markersize=4, label=method)
+                if n > 1:
+                    xerr = [means[p].estimate("alignment").half_width for p in front]
+                    yerr = [means[p].estimate(key).half_width for p in front]
+                    ax.errorbar(*zip(*front, strict=True), xerr=xerr, yerr=yerr, fmt="none", ecolor=colour,
+                                elinewidth=0.8, capsize=2, alpha=0.7)
+            ft = tab[Method.FINETUNED.value]
+            ax.plot(ft.mean("alignment"), ft.mean(key), "k*", markersize=12, label="fine-tuned, no guidance")
+            ax.set_title(f"{name}: new contexts, {n} replicate(s)")
             ax.set_xlabel("text alignment (background as prompted)")
             ax.set_ylabel(ylabel)
             ax.set_xlim(-0.02, 1.02)
             ax.set_ylim(-0.02, 1.02)
             ax.grid(alpha=0.3)
     axes[0][0].legend(loc="lower left", fontsize=8)
-    fig.suptitle("Fidelity vs text alignment; lines: each method's Pareto frontier over its scales", fontsize=10)
+    fig.suptitle("Fidelity vs text alignment, means over replicates; bold lines: each method's Pareto frontier of "
+                 "the means (bars: 95% intervals); thin lines: each replicate's frontier", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
