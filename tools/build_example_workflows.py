@@ -319,6 +319,23 @@ def _custom_advanced_tail(guider: Node, model: tuple[str, str] = ("pair", "finet
     return nodes, edges
 
 
+def _ksampler_edges(model: tuple[str, str] = ("pair", "finetuned_model"),
+                    vae: tuple[str, str] = ("pair", "vae")) -> list[tuple[str, str, str, str]]:
+    """The KSampler route's links: ``model`` into the PG patch with the weak model, the patched MODEL into KSampler
+    with the prompt and the null prompt as its negative, then decoding with ``vae`` and saving."""
+    return [
+        (*model, "patch", "model"),
+        ("weak", "weak_model", "patch", "weak_model"),
+        ("patch", "MODEL", "sample", "model"),
+        ("positive", "CONDITIONING", "sample", "positive"),
+        ("null", "CONDITIONING", "sample", "negative"),
+        ("latent", "LATENT", "sample", "latent_image"),
+        ("sample", "LATENT", "decode", "samples"),
+        (*vae, "decode", "vae"),
+        ("decode", "IMAGE", "save", "images"),
+    ]
+
+
 def _guider(estimate: str, title: str | None = None, **scales) -> Node:
     widgets = {"estimate": estimate, **{f"estimate.{k}": v for k, v in scales.items()}}
     return Node("PG_PersonalizationGuider", (360, 190 if estimate == THREE_WAY else 150), widgets, title)
@@ -397,15 +414,7 @@ def ksampler_scheduled_omega() -> Workflow:
         edges=[
             ("pair", "pair", "weak", "pair"),
             *_text_edges(False),
-            ("pair", "finetuned_model", "patch", "model"),
-            ("weak", "weak_model", "patch", "weak_model"),
-            ("patch", "MODEL", "sample", "model"),
-            ("positive", "CONDITIONING", "sample", "positive"),
-            ("null", "CONDITIONING", "sample", "negative"),
-            ("latent", "LATENT", "sample", "latent_image"),
-            ("sample", "LATENT", "decode", "samples"),
-            ("pair", "vae", "decode", "vae"),
-            ("decode", "IMAGE", "save", "images"),
+            *_ksampler_edges(),
         ],
         note=(
             "The KSampler route: the patched MODEL makes KSampler (and detailers, upscalers) sample with "
@@ -506,15 +515,7 @@ def wan_text_to_video_lora() -> Workflow:
             ("pair", "pair", "weak", "pair"),
             *_text_edges(False, clip=("clip", "CLIP")),
             ("pair", "finetuned_model", "shift", "model"),
-            ("shift", "MODEL", "patch", "model"),
-            ("weak", "weak_model", "patch", "weak_model"),
-            ("patch", "MODEL", "sample", "model"),
-            ("positive", "CONDITIONING", "sample", "positive"),
-            ("null", "CONDITIONING", "sample", "negative"),
-            ("latent", "LATENT", "sample", "latent_image"),
-            ("sample", "LATENT", "decode", "samples"),
-            ("vae", "VAE", "decode", "vae"),
-            ("decode", "IMAGE", "save", "images"),
+            *_ksampler_edges(model=("shift", "MODEL"), vae=("vae", "VAE")),
         ],
         note=(
             "Wan 2.1 text to video (1.3B) with a subject LoRA, through the stock KSampler: the patched MODEL samples "
