@@ -118,3 +118,31 @@ def test_low_rank_error_falls_with_the_rank_and_is_reported(comfy_host, files, c
     pair, _ = _load(nodes, files, "fine-tuned checkpoint", full_delta="low rank", rank=0, energy=1.0)
     assert pair.approximation is None and torch.equal(_sample(nodes, pair, conds), exact)
     logging.getLogger(__name__).info("low-rank pair: relative error of the sampled latent by rank %s", errors)
+
+
+def test_a_pair_that_cannot_fit_is_refused_with_the_figures_before_any_weight_is_read(comfy_host, files, monkeypatch):
+    """The estimate (every floating tensor changed, kept in the model's dtype, plus one tensor in fp32 while forming)
+    bounds what the formed pair holds; with less free memory than that the pair is refused, naming the figures, and
+    neither model's weights are read."""
+    import comfy.model_management
+
+    nodes = comfy_host.nodes
+    pairs = nodes.core.pairs
+    loader = nodes.load_diffusion_pair.comfy_nodes.UNETLoader()
+    base, finetuned = (loader.load_unet(files[k], "default")[0] for k in ("base", "finetuned"))
+    kept, transient = pairs.plan_pair(base, finetuned).memory
+    formed = pairs.pair_from_models(base, finetuned)
+    assert formed.delta_bytes() <= kept
+    largest = max(p.numel() for p in finetuned.model.diffusion_model.parameters())
+    assert transient >= 4 * largest
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("a weight was read before the memory check")
+
+    for model in (base, finetuned):
+        monkeypatch.setattr(model, "get_key_patches", no_reading)
+    free = kept + transient - 1
+    monkeypatch.setattr(comfy.model_management, "get_free_memory", lambda *a, **k: free)
+    with pytest.raises(comfy_host.guidance.GuidanceInputError, match=r"needs up to \d+\.\d\d GiB of system memory for the delta plus "
+                                               r"\d+\.\d\d GiB while forming, and \d+\.\d\d GiB is free"):
+        pairs.pair_from_models(base, finetuned)
