@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
+import logging
 import os
 import statistics
 import sys
@@ -42,6 +43,22 @@ def load_host(cpu: bool):
     asyncio.run(nodes.load_custom_node(str(PACK_DIR)))
     sys.path.insert(1, str(PACK_DIR / "tests" / "host"))
     return sys.modules[str(PACK_DIR).replace(".", "_x_")]
+
+
+class RouteLog(logging.Handler):
+    """Where the pack ran each weak evaluation, in order, as its log names it ("the weak evaluation runs in ...")."""
+
+    def __init__(self, pack):
+        super().__init__()
+        self.routes: list[str] = []
+        logger = logging.getLogger(pack.__name__)
+        logger.addHandler(self)
+        logger.setLevel(logging.INFO)
+
+    def emit(self, record):
+        text = record.getMessage()
+        if "the weak evaluation runs in" in text:
+            self.routes.append(text.split("runs in ")[1].split(";")[0])
 
 
 class StepTimer:
@@ -287,8 +304,6 @@ def main(argv=None):
 
 def families_table(pack, opts) -> None:
     """For every family: the route each pair kind takes, and its time per step against CFG on the same model."""
-    import logging
-
     import torch
 
     import comfy.model_management
@@ -297,16 +312,7 @@ def families_table(pack, opts) -> None:
 
     import families
 
-    routes: list[str] = []
-
-    class Route(logging.Handler):
-        def emit(self, record):
-            text = record.getMessage()
-            if "the weak evaluation runs in" in text:
-                routes.append(text.split("runs in ")[1].split(";")[0].split(" (")[0])
-
-    logging.getLogger(pack.__name__).addHandler(Route())
-    logging.getLogger(pack.__name__).setLevel(logging.INFO)
+    log = RouteLog(pack)
     nodes = pack.nodes
     print(f"tiny models (tests/host/families.py), CPU, torch threads {torch.get_num_threads()}, latent batch 1, "
           f"euler, {opts.steps} steps, lambda {opts.lam}, constant omega {opts.omega}, median of {opts.repeats}")
@@ -346,7 +352,8 @@ def families_table(pack, opts) -> None:
                                       callback=timer.callback, seed=0, disable_pbar=True)
                     if repeat:
                         times[key].append(timer.per_step)
-            row += [routes[-1], f"{statistics.median(times['pg']) / statistics.median(times['cfg']):.2f}x"]
+            route = log.routes[-1].split(" (")[0]  # the route, without its reason
+            row += [route, f"{statistics.median(times['pg']) / statistics.median(times['cfg']):.2f}x"]
             comfy.model_management.unload_all_models()
         print("| " + " | ".join(row) + " |")
 

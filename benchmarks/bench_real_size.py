@@ -25,7 +25,6 @@ import argparse
 import gc
 import json
 import math
-import os
 import statistics
 import subprocess
 import sys
@@ -33,7 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
-PACK_DIR = Path(__file__).resolve().parents[1]
+import bench_guidance  # this folder: run as python benchmarks/bench_real_size.py
+
 GIB = 1024**3
 
 ARCHS = {
@@ -87,24 +87,18 @@ class Peak:
 
 
 def load_host(threads: int | None, weights: str = "fp16"):
+    """ComfyUI on the CPU with this pack loaded (as ``bench_guidance`` loads it); ``weights`` as ``--weights``."""
     import torch
 
     if threads:
         torch.set_num_threads(threads)
-    sys.path.insert(0, os.environ["COMFYUI_PATH"])
+    pack = bench_guidance.load_host(cpu=True)
     from comfy.cli_args import args
 
-    args.cpu = True
     # fp16: weights held in fp16, computed in fp32 (the CPU), a mixed-dtype model; fp32: ComfyUI's CPU default,
-    # weights held as they are computed.
+    # weights held as they are computed. Read when a model loads.
     args.fp16_unet = weights == "fp16"
-    import asyncio
-
-    import utils.extra_config  # noqa: F401
-    import nodes
-
-    asyncio.run(nodes.load_custom_node(str(PACK_DIR)))
-    return sys.modules[str(PACK_DIR).replace(".", "_x_")]
+    return pack
 
 
 def make_files(arch: str, folder: Path) -> dict[str, str]:
@@ -200,24 +194,13 @@ def phase_form(opts) -> dict:
 def phase_sample(opts) -> dict:
     """Per-step time of each route, interleaved, and the peak memory one run of each adds."""
     pack = load_host(opts.threads, opts.weights)
-    import logging
-
     import torch
 
     import comfy.samplers
     import nodes
 
-    taken: dict[str, str] = {}  # route name -> where the pack ran the weak evaluation (its own log line)
-
-    class Route(logging.Handler):
-        def emit(self, record):
-            text = record.getMessage()
-            if "the weak evaluation runs in" in text:
-                taken.setdefault(current, text.split("runs in ")[1].split(";")[0])
-
-    logging.getLogger(pack.__name__).addHandler(Route())
-    logging.getLogger(pack.__name__).setLevel(logging.INFO)
-    current = ""
+    log = bench_guidance.RouteLog(pack)
+    taken: dict[str, str] = {}  # route name -> where the pack ran its first weak evaluation
 
     _folders(Path(opts.folder))
     names = make_files(opts.arch, Path(opts.folder))
@@ -264,12 +247,14 @@ def phase_sample(opts) -> dict:
     steps, first, memory = {n: [] for n in routes}, {n: [] for n in routes}, {}
     for repeat in range(opts.repeats + 1):  # the first round loads and warms up; not counted
         for name, make in routes.items():
-            current = name
+            logged = len(log.routes)
             guider = make()
             stamps = [time.perf_counter()]
             with torch.inference_mode(), Peak() as peak:
                 guider.sample(noise, latent, sampler, sigmas, seed=0, disable_pbar=True,
                               callback=lambda *a: stamps.append(time.perf_counter()))
+            if len(log.routes) > logged:
+                taken.setdefault(name, log.routes[logged])
             if repeat:
                 steps[name].append(statistics.median(b - a for a, b in zip(stamps[1:], stamps[2:], strict=False)))
                 first[name].append(stamps[1] - stamps[0])
