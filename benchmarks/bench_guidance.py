@@ -38,6 +38,7 @@ def load_host(cpu: bool):
 
     args.cpu = cpu
     import utils.extra_config  # noqa: F401
+
     import nodes
 
     asyncio.run(nodes.load_custom_node(str(PACK_DIR)))
@@ -131,7 +132,7 @@ class SamplingMemory:
         return self.peak - self.start
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--full-size", action="store_true", help="SD1.5-size UNet at 512x512 (needs a GPU to be quick)")
     parser.add_argument("--size", type=int, default=None, help="image size in pixels (default: 64 tiny, 512 full size)")
@@ -145,25 +146,49 @@ def main(argv=None):
                         help="per model family (tiny models): the route and cost of LoRA and full pairs against CFG")
     parser.add_argument("--only", default=None,
                         help="time only the routes whose name contains one of these comma-separated texts (and their baselines)")
-    opts = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    import torch
 
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
+def two_model_guider(ft, weak, positive, null, lam):
+    """The stock way without this pack: cond on the fine-tuned UNet, uncond on a second, materialized weak UNet."""
+    import comfy.model_management
+    import comfy.samplers
 
-    pack = load_host(cpu=not torch.cuda.is_available())
-    if opts.families:
-        return families_table(pack, opts)
+    class TwoModelGuider(comfy.samplers.CFGGuider):
+        def __init__(self, ft, weak):
+            super().__init__(ft)
+            self.weak = weak
+            self.set_conds(positive, null)
+            self.set_cfg(lam)
+
+        def outer_sample(self, *args, **kwargs):
+            comfy.model_management.load_models_gpu([self.model_patcher, self.weak])
+            self.weak.pre_run()
+            try:
+                return super().outer_sample(*args, **kwargs)
+            finally:
+                self.weak.cleanup()
+
+        def predict_noise(self, x, timestep, model_options=None, seed=None):
+            model_options = {} if model_options is None else model_options
+            cond = comfy.samplers.calc_cond_batch(self.inner_model, [self.conds["positive"]], x, timestep, model_options)[0]
+            uncond = comfy.samplers.calc_cond_batch(self.weak.model, [self.conds["negative"]], x, timestep, model_options)[0]
+            return comfy.samplers.cfg_function(self.inner_model, cond, uncond, lam, x, timestep, model_options)
+
+    return TwoModelGuider(ft, weak)
+
+
+def sd15_routes(pack, opts, torch, device):
+    """The routes timed on an SD1.5-architecture UNet (tiny, or SD1.5 size with --full-size): CFG baselines, the pack's
+    LoRA and full pairs, and the stock ways without the pack. Returns (routes, baseline of each, sampling inputs,
+    a function giving the weights a route loads beside the model's own, the UNet's parameter count, image size)."""
     import comfy.hooks
     import comfy.model_management
     import comfy.samplers
     import comfy.sd
     import comfy.supported_models
-
     import tiny
 
-    device = comfy.model_management.get_torch_device()
     torch.manual_seed(0)
     config = dict(tiny.SD15_UNET)
     size = 64
@@ -206,28 +231,6 @@ def main(argv=None):
         weak = pack.nodes.weak_model.WeakModelInterpolator.execute(pair, shape, start, end, 0.0, 1.0).args[0]
         return pack.nodes.guider.PersonalizationGuider.execute(pair.finetuned, weak, positive, null, "two-way (paper)", opts.lam, 1.0).args[0]
 
-    class TwoModelGuider(comfy.samplers.CFGGuider):
-        """The stock way without this pack: cond on the fine-tuned UNet, uncond on a second, materialized weak UNet."""
-
-        def __init__(self, ft, weak):
-            super().__init__(ft)
-            self.weak = weak
-            self.set_conds(positive, null)
-            self.set_cfg(opts.lam)
-
-        def outer_sample(self, *args, **kwargs):
-            comfy.model_management.load_models_gpu([self.model_patcher, self.weak])
-            self.weak.pre_run()
-            try:
-                return super().outer_sample(*args, **kwargs)
-            finally:
-                self.weak.cleanup()
-
-        def predict_noise(self, x, timestep, model_options={}, seed=None):
-            cond = comfy.samplers.calc_cond_batch(self.inner_model, [self.conds["positive"]], x, timestep, model_options)[0]
-            uncond = comfy.samplers.calc_cond_batch(self.weak.model, [self.conds["negative"]], x, timestep, model_options)[0]
-            return comfy.samplers.cfg_function(self.inner_model, cond, uncond, opts.lam, x, timestep, model_options)
-
     def hooks(mode):
         model = base.clone()
         model.hook_mode = mode
@@ -244,7 +247,7 @@ def main(argv=None):
         "CFG, full fine-tune (baseline B)": lambda: cfg(full_ft),
         "PG full pair, constant omega": lambda: pg(full_pair, "constant"),
         "PG full pair, linear omega": lambda: pg(full_pair, "linear"),
-        "stock: two UNets, dual-model guider": lambda: TwoModelGuider(full_ft, weak_full),
+        "stock: two UNets, dual-model guider": lambda: two_model_guider(full_ft, weak_full, positive, null, opts.lam),
     }
     baseline = {name: ("CFG, LoRA model (baseline A)" if i < 5 else "CFG, full fine-tune (baseline B)") for i, name in enumerate(routes)}
     if opts.only:
@@ -254,15 +257,22 @@ def main(argv=None):
     latent = torch.zeros(1, 4, size // 8, size // 8)
     noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(5))
     sigmas = comfy.samplers.calculate_sigmas(base.get_model_object("model_sampling"), "normal", opts.steps)
-    sampler = comfy.samplers.sampler_object("euler")
+    inputs = (noise, latent, comfy.samplers.sampler_object("euler"), sigmas)
 
     def extra_weights(guider) -> int:
         """Bytes of weights that the route loads beside the fine-tuned model's own."""
-        if isinstance(guider, TwoModelGuider):
+        if hasattr(guider, "weak"):  # the dual-model guider
             return guider.weak.model_size()
-        extra = guider.model_patcher.get_additional_models_with_key(pack.nodes.core.runtime.WRAPPER_KEY)
+        extra = guider.model_patcher.get_additional_models_with_key(pack.nodes.core.vocabulary.WRAPPER_KEY)
         return sum(p.numel() * p.element_size() for m in extra for p in m.model.parameters())
 
+    return routes, baseline, inputs, extra_weights, sum(v.numel() for v in base_sd.values()), size
+
+
+def time_routes(routes, inputs, extra_weights, repeats, torch, device):
+    """Per route: seconds per step over ``repeats`` interleaved runs (after a warm-up run of each), the weights it
+    loads beside the model's own, and the peak memory a second run adds (untimed)."""
+    noise, latent, sampler, sigmas = inputs
     def run(name):
         guider = routes[name]()
         resident[name] = extra_weights(guider)
@@ -284,13 +294,30 @@ def main(argv=None):
     times = {name: [] for name in routes}
     for name in routes:  # warm-up: loads, caches, first-call costs
         run(name)
-    for _ in range(opts.repeats):
+    for _ in range(repeats):
         for name in routes:
             times[name].append(run(name))
     added = {name: sampling_memory(name) for name in routes}
+    return times, resident, added
 
+
+def main(argv=None):
+    opts = parse_args(argv)
+    import torch
+
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+
+    pack = load_host(cpu=not torch.cuda.is_available())
+    if opts.families:
+        return families_table(pack, opts)
+    import comfy.model_management
+
+    device = comfy.model_management.get_torch_device()
+    routes, baseline, inputs, extra_weights, parameters, size = sd15_routes(pack, opts, torch, device)
+    times, resident, added = time_routes(routes, inputs, extra_weights, opts.repeats, torch, device)
     print(f"device: {device}, {'SD1.5-size' if opts.full_size else 'tiny SD1.5-architecture'} UNet "
-          f"({sum(v.numel() for v in base_sd.values()) / 1e6:.1f}M parameters), {size}x{size}, euler, {opts.steps} steps, "
+          f"({parameters / 1e6:.1f}M parameters), {size}x{size}, euler, {opts.steps} steps, "
           f"lambda {opts.lam}, omega {opts.omega}, LoRA rank {opts.lora_rank}, median of {opts.repeats}, torch threads {torch.get_num_threads()}")
     print()
     print("| route | ms / step | ratio to CFG | extra resident weights (MiB) | peak added while sampling (MiB) |")
@@ -304,13 +331,11 @@ def main(argv=None):
 
 def families_table(pack, opts) -> None:
     """For every family: the route each pair kind takes, and its time per step against CFG on the same model."""
-    import torch
-
     import comfy.model_management
     import comfy.samplers
     import comfy.sd
-
     import families
+    import torch
 
     log = RouteLog(pack)
     nodes = pack.nodes
@@ -333,13 +358,13 @@ def families_table(pack, opts) -> None:
             pair = nodes.load_pair.PairFromModels.execute(base, ft).args[0]
             weak = nodes.weak_model.WeakModelInterpolator.execute(pair, "constant", opts.omega, opts.omega, 0.0, 1.0).args[0]
 
-            def cfg():
+            def cfg(ft=ft, positive=positive, null=null):
                 guider = comfy.samplers.CFGGuider(ft)
                 guider.set_conds(positive, null)
                 guider.set_cfg(opts.lam)
                 return guider
 
-            def pg():
+            def pg(ft=ft, weak=weak, positive=positive, null=null):
                 return nodes.guider.PersonalizationGuider.execute(ft, weak, positive, null, "two-way (paper)", opts.lam,
                                                                   1.0).args[0]
 

@@ -12,7 +12,7 @@ is read after resetting the kernel's high-water mark (``/proc/self/clear_refs``)
 
 ``form`` prints the time and peak memory of loading the two models with ComfyUI's
 UNETLoader, then of forming the pair from them (exact, and with ``--rank`` low rank),
-with the bound SPEC.md sets: the resident models plus the delta in its stored dtype plus
+with the bound of docs/design.md ("Memory and cost"): the resident models plus the delta in its stored dtype plus
 one tensor in fp32. ``sample`` prints, per route, the median time per steady step and its
 ratio to plain CFG on the same fine-tuned model (side by side, interleaved), the first
 step's extra time, and the peak memory a run adds. A benchmark, not a test: it asserts
@@ -103,10 +103,9 @@ def load_host(threads: int | None, weights: str = "fp16"):
 
 def make_files(arch: str, folder: Path) -> dict[str, str]:
     """Base and fine-tuned diffusion-model files (fp16, random weights) and a rank-16 LoRA, made once per folder."""
-    import torch
-
     import comfy.supported_models
     import comfy.utils
+    import torch
 
     names = {"base": f"{arch}_base.safetensors", "finetuned": f"{arch}_finetuned.safetensors",
              "lora": f"{arch}_lora.safetensors"}
@@ -171,7 +170,7 @@ def phase_form(opts) -> dict:
     for model in (base, finetuned):  # "resident": every page of both models in memory before the peak is taken
         for p in model.model.diffusion_model.parameters():
             p.sum()
-    pairs = pack.nodes.core.pairs
+    pairs = pack.nodes.core.full_pairs
     spec = pairs.LowRankSpec(rank=opts.rank) if opts.rank else None
     _, transient = pairs.plan_pair(base, finetuned, spec).memory  # the estimate the refusal uses
     with Peak() as peak:
@@ -182,7 +181,7 @@ def phase_form(opts) -> dict:
     del base
     gc.collect()
     held = rss()
-    # SPEC.md's bound for forming: the resident models, the delta kept, one tensor in fp32. The low-rank option
+    # The bound for forming (docs/design.md, "Memory and cost"): the resident models, the delta kept, one tensor in fp32. The low-rank option
     # also holds its SVD's workspace for one layer (in the estimate).
     working = 4 * largest if spec is None else transient
     return {"params": sum(p.numel() for p in params), "seconds": peak.seconds, "start": peak.start, "peak": peak.peak,
@@ -194,9 +193,9 @@ def phase_form(opts) -> dict:
 def phase_sample(opts) -> dict:
     """Per-step time of each route, interleaved, and the peak memory one run of each adds."""
     pack = load_host(opts.threads, opts.weights)
+    import comfy.samplers
     import torch
 
-    import comfy.samplers
     import nodes
 
     log = bench_guidance.RouteLog(pack)
@@ -209,7 +208,7 @@ def phase_sample(opts) -> dict:
     full_ft = nodes.UNETLoader().load_unet(names["finetuned"], "default")[0]
     loader = pack.nodes.load_diffusion_pair.LoadDiffusionModelPair
     lora_pair = loader.execute(names["base"], "default", "LoRA", names["lora"], 1.0, "none", "exact", 0, 1.0).args[0]
-    full_pair = pack.nodes.core.pairs.pair_from_models(base, full_ft)
+    full_pair = pack.nodes.core.full_pairs.pair_from_models(base, full_ft)
     del base
     gen = torch.Generator().manual_seed(4)
 
@@ -252,7 +251,7 @@ def phase_sample(opts) -> dict:
             stamps = [time.perf_counter()]
             with torch.inference_mode(), Peak() as peak:
                 guider.sample(noise, latent, sampler, sigmas, seed=0, disable_pbar=True,
-                              callback=lambda *a: stamps.append(time.perf_counter()))
+                              callback=lambda *a, stamps=stamps: stamps.append(time.perf_counter()))
             if len(log.routes) > logged:
                 taken.setdefault(name, log.routes[logged])
             if repeat:

@@ -1,7 +1,7 @@
 """Personalization guidance math: pure torch, no ComfyUI.
 
 The estimates (``estimates``), omega over the run (``schedule``), weight deltas
-(``deltas``) and the table of layer kinds (``layers``) of SPEC.md. The ComfyUI nodes
+(``deltas``) and the table of layer kinds (``layers``) of docs/design.md. The ComfyUI nodes
 in ``nodes/`` only wire these. For the tuning nodes: the run step by step (``steps``),
 sweep value lists (``sweep``) and preset files (``presets``).
 """
@@ -23,15 +23,6 @@ from .deltas import (
     weight_delta,
 )
 from .errors import GuidanceInputError
-from .layers import (
-    LAYER_KINDS,
-    ROW_MIXING,
-    ChangedParameter,
-    LayerKind,
-    Placement,
-    layer_kind,
-    place_parameter,
-)
 from .estimates import (
     EstimateWeights,
     Evaluations,
@@ -43,6 +34,15 @@ from .estimates import (
     plan_for_rows,
     three_way,
     two_way,
+)
+from .layers import (
+    LAYER_KINDS,
+    ROW_MIXING,
+    ChangedParameter,
+    LayerKind,
+    Placement,
+    layer_kind,
+    place_parameter,
 )
 from .presets import Preset, PresetEstimate, check_preset_name, parse_preset, preset_from_dict
 from .schedule import OmegaSchedule, OmegaShape, check_unit_interval, omega_at, omega_at_sigma, progress_of_sigma

@@ -1,10 +1,10 @@
-"""The guidance estimates of SPEC.md, as tensor functions.
+"""The guidance estimates (docs/design.md, "The estimates"), as tensor functions.
 
 Every estimate is an affine combination of model predictions (its weights sum to
 one), so it holds for eps, v or denoised predictions alike. ComfyUI hands us
 denoised predictions, so the names below say ``d_``.
 
-Symbols follow SPEC.md: ``d_ft_c`` is D_ft(x, c), ``d_ft_n`` is D_ft(x, n),
+Symbols follow docs/design.md: ``d_ft_c`` is D_ft(x, c), ``d_ft_n`` is D_ft(x, n),
 ``d_w_null`` is D_w(x, null); ``lambda_p`` and ``lambda_t`` are the
 personalization and text scales.
 """
@@ -58,7 +58,7 @@ class Evaluations:
 
 
 def plan_evaluations(lambda_p: float, lambda_t: float, omega: float, negative_is_null: bool) -> Evaluations:
-    """The evaluations the three-way estimate needs once its cancellations are used (SPEC.md).
+    """The evaluations the three-way estimate needs once its cancellations are used (docs/design.md, "The estimates").
 
     - ``lambda_p == lambda_t``: the D_ft(n) terms cancel, leaving the two-way estimate.
     - ``lambda_p == 1``: the D_w(null) terms cancel, leaving CFG with negative n.

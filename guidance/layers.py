@@ -1,6 +1,6 @@
 """The table of layer kinds: which modules the weak model can be applied to row by row, and how.
 
-SPEC.md, "Model families and how ComfyUI holds weights". A *layer kind* is a module
+docs/design.md, "Routes and handlers". A *layer kind* is a module
 whose output is linear in its own parameters jointly (weight and bias together):
 
     F(x; theta + c * delta) = F(x; theta) + c * F(x; delta)
@@ -16,7 +16,7 @@ its response.
 Parameters that no layer kind takes are used inline by the module that owns them (a
 modulation table, a pad token, a routing gate): their use is not known row by row, so
 the weak evaluation then runs as a forward of its own, with the owner holding the weak
-value (SPEC.md: "or the weak evaluation runs as a forward of its own"). ``ROW_MIXING``
+value. ``ROW_MIXING``
 lists modules whose inside does not keep the rows of the model's batch apart
 (mixture-of-experts layers route tokens): they run their weak rows in a call of their
 own, where every row is weak for what is inside. ``place_parameter`` applies the
@@ -96,10 +96,6 @@ def _embedding(m: nn.Module, x: Tensor, p: Params, out_shape: torch.Size) -> Ten
 def _no_max_norm(m: nn.Module) -> str | None:
     # max_norm renormalizes the looked-up rows by their own norm: not linear in the weight.
     return "it renormalizes its rows (max_norm)" if getattr(m, "max_norm", None) is not None else None
-
-
-def _groups_of_one(m: nn.Module) -> str | None:
-    return None
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ A preset file is one JSON object with exactly these keys::
      "schedule": "constant", "omega": 0.5, "omega_end": 0.5, "guidance_start": 0.0, "guidance_end": 1.0,
      "estimate": "two-way", "guidance_scale": 7.5, "personalization_scale": 7.5}
 
-The schedule fields are the Weak Model Interpolator's (SPEC.md, "Omega over the
+The schedule fields are the Weak Model Interpolator's (docs/design.md, "Omega over the
 run"); ``estimate`` is "two-way" (the paper) or "three-way"; the scales are the
 guider's. The file is read with ``json.loads`` alone; every value is checked for
 type and range, unknown or missing keys are refused, and so are duplicate keys,

@@ -1,4 +1,4 @@
-"""omega over the run: SPEC.md, "Omega over the run".
+"""omega over the run: docs/design.md, "Omega over the run".
 
 Progress ``p`` runs from 0 (the first, noisiest step) to 1 (the end), in ComfyUI's
 percent convention (``model_sampling.percent_to_sigma``), so a schedule means the
@@ -58,7 +58,7 @@ class OmegaSchedule:
             )
 
     @classmethod
-    def constant(cls, omega: float) -> "OmegaSchedule":
+    def constant(cls, omega: float) -> OmegaSchedule:
         return cls(OmegaShape.CONSTANT, omega, omega)
 
     @property
@@ -121,7 +121,7 @@ def progress_of_sigma(percent_to_sigma: PercentToSigma, sigma: float) -> float:
 
 def omega_at_sigma(schedule: OmegaSchedule, sigma: float, percent_to_sigma: PercentToSigma,
                    progress: Callable[[float], float] | None = None) -> float:
-    """omega at the step with noise level ``sigma``: SPEC.md, "Omega over the run".
+    """omega at the step with noise level ``sigma``: docs/design.md, "Omega over the run".
 
     The guidance interval is closed at both ends and decided in sigma space, as
     ComfyUI's own timestep ranges decide it: the step is inside when

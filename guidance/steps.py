@@ -1,6 +1,6 @@
 """Guidance step by step: what a run does at each sampling step, for previews.
 
-Per step: omega(p) (SPEC.md, "Omega over the run"), the evaluations the estimate
+Per step: omega(p) (docs/design.md, "Omega over the run"), the evaluations the estimate
 needs there, and the weights it puts on them: the same functions the sampling
 runtime calls, so a preview shows what sampling will do.
 """
@@ -34,7 +34,7 @@ def guidance_per_step(
 ) -> list[StepGuidance]:
     """Each step's omega, evaluations and weights, for the steps at sampling progress ``progress``.
 
-    Two-way is the three-way estimate with ``lambda_p == lambda_t`` (SPEC.md), as in the runtime.
+    Two-way is the three-way estimate with ``lambda_p == lambda_t`` (docs/design.md, "The estimates"), as in the runtime.
     ``negative_is_null``: no negative prompt, so n is the null prompt. ``omegas``: each step's
     omega as sampling decides it (``omega_at_sigma``); by default ``omega_at`` of its progress.
     """

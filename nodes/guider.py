@@ -6,8 +6,9 @@ import comfy.samplers
 from comfy_api.latest import io
 
 from ..guidance import GuidanceInputError, check_scale
-from .core.runtime import Estimate, GuidanceConfig, RowScales, attach
+from .core.runtime import attach
 from .core.schema import node_schema
+from .core.vocabulary import Estimate, GuidanceConfig, RowScales
 from .inputs import estimate_of, guider_estimate_input, model_input, weak_model_input
 from .sockets import CATEGORY
 

@@ -1,5 +1,5 @@
-"""Inputs that several nodes share: the guider's, the KSampler patch's and the tuning nodes', and the pair
-loaders' low-rank option.
+"""Inputs that the sampling nodes share: the guider's, the KSampler patch's and the tuning nodes'. (The pair
+loaders' inputs are in ``core/personalization.py``.)
 
 ``estimate`` is a DynamicCombo (``core/modes.py``): two-way shows the one scale
 lambda; three-way shows lambda_t, lambda_p and, where the node takes one, the
@@ -11,14 +11,12 @@ ComfyUI reports either mistake when the workflow is queued, at that socket.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from enum import Enum
 from typing import Any
 
 from comfy_api.latest import io
 
 from .core.modes import Mode, mode_input
-from .core.pairs import LowRankSpec
-from .core.runtime import Estimate
+from .core.vocabulary import Estimate
 from .sockets import WeakModelSocket
 
 ESTIMATE = "estimate"
@@ -94,54 +92,3 @@ def guider_estimate_input() -> io.DynamicCombo.Input:
 def estimate_of(estimate: Mapping[str, Any] | str, **flat) -> Mode[Estimate]:
     """The estimate and its inputs, from ComfyUI's value of ``estimate`` or from a name with keyword inputs."""
     return Mode.of(Estimate, ESTIMATE, estimate, **flat)
-
-
-class FullDelta(str, Enum):
-    """How a full pair keeps theta_ft - theta_pre."""
-
-    EXACT = "exact"
-    LOW_RANK = "low rank"
-
-
-FULL_DELTA = "full_delta"
-
-
-def full_delta_input() -> io.DynamicCombo.Input:
-    """A full pair's delta kept exactly, or as a truncated SVD per Linear/Conv weight (less memory, approximate)."""
-    return mode_input(
-        FULL_DELTA,
-        {
-            FullDelta.EXACT: [],
-            FullDelta.LOW_RANK: [
-                io.Int.Input(
-                    "rank",
-                    default=128,
-                    min=0,
-                    max=4096,
-                    tooltip="At most this many singular values per layer (0: no cap, energy alone decides). Higher "
-                    "is closer to exact, and larger.",
-                ),
-                io.Float.Input(
-                    "energy",
-                    default=1.0,
-                    min=0.5,
-                    max=1.0,
-                    step=0.001,
-                    tooltip="Keep the fewest singular values that hold this fraction of each layer's delta (its "
-                    "squared norm). 1 keeps all of them up to the rank.",
-                ),
-            ],
-        },
-        tooltip="Full fine-tunes only (a LoRA is low-rank already). exact: the whole weight delta, as large as the "
-        "model (two weight sets while sampling). low rank (shows rank and energy): each Linear/Conv weight delta "
-        "kept as its truncated SVD, a fraction of the memory; an approximation, whose error the log reports.",
-    )
-
-
-def low_rank_spec(full_delta: Mapping[str, Any] | str | None, **flat) -> LowRankSpec | None:
-    """The low-rank option as pair formation takes it (None: exact), from ComfyUI's value of ``full_delta`` or from
-    a name with ``rank`` and ``energy`` as keywords."""
-    chosen = Mode.of(FullDelta, FULL_DELTA, full_delta or FullDelta.EXACT, **flat)
-    if chosen.key == FullDelta.EXACT:
-        return None
-    return LowRankSpec(rank=chosen.get("rank", 128), energy=chosen.get("energy", 1.0))

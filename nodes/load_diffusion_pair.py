@@ -9,19 +9,12 @@ offers; the text encoder and VAE come from their own loaders.
 from __future__ import annotations
 
 import folder_paths
-import nodes as comfy_nodes  # ComfyUI's nodes.py (UNETLoader), not this pack's package
 from comfy_api.latest import io
 
-from .core.pairs import pair_from_models
-from .core.personalization import (
-    Personalization,
-    check_not_the_base,
-    lora_pair,
-    personalization_input,
-    personalization_of,
-)
+import nodes as comfy_nodes  # ComfyUI's nodes.py (UNETLoader), not this pack's package
+
+from .core.personalization import load_pair, personalization_input, personalization_of
 from .core.schema import node_schema
-from .inputs import full_delta_input, low_rank_spec
 from .sockets import CATEGORY, FinetunedPairSocket
 
 FOLDER = "diffusion_models"
@@ -53,8 +46,7 @@ class LoadDiffusionModelPair(io.ComfyNode):
                 io.Combo.Input("weight_dtype", options=_weight_dtypes(), default="default",
                                tooltip="As Load Diffusion Model: the dtype the weights are kept in (fp8 halves the "
                                "memory). Both models of the pair are loaded with it; default keeps the file's."),
-                personalization_input(FOLDER, finetuned_id=FINETUNED, finetuned_label="fine-tuned diffusion model",
-                                      finetuned_extra=[full_delta_input()]),
+                personalization_input(FOLDER, finetuned_id=FINETUNED, finetuned_label="fine-tuned diffusion model"),
             ],
             outputs=[
                 FinetunedPairSocket.Output("pair", tooltip="Base and fine-tuned weights, for the Personalization Weak "
@@ -79,12 +71,7 @@ class LoadDiffusionModelPair(io.ComfyNode):
         """``personalization`` as ComfyUI passes it (see ``personalization_of``); Python callers may pass the mode's
         name and its inputs as keywords."""
         chosen = personalization_of(personalization, lora_name=lora_name, lora_strength=lora_strength,
-                                    finetuned_model=finetuned_model, full_delta=full_delta)
-        if chosen.key == Personalization.LORA:
-            pair, _ = lora_pair(chosen, comfy_nodes.UNETLoader().load_unet(base_model, weight_dtype)[0])
-            return io.NodeOutput(pair, pair.finetuned)
-        check_not_the_base(FOLDER, base_model, chosen[FINETUNED])
-        base = comfy_nodes.UNETLoader().load_unet(base_model, weight_dtype)[0]
-        finetuned = comfy_nodes.UNETLoader().load_unet(chosen[FINETUNED], weight_dtype)[0]
-        low_rank = low_rank_spec(chosen["full_delta"], rank=rank, energy=energy)
-        return io.NodeOutput(pair_from_models(base, finetuned, low_rank), finetuned)
+                                    finetuned_model=finetuned_model, full_delta=full_delta, rank=rank, energy=energy)
+        pair, _ = load_pair(chosen, base_model, FOLDER, FINETUNED,
+                            lambda name: comfy_nodes.UNETLoader().load_unet(name, weight_dtype))
+        return io.NodeOutput(pair, pair.finetuned)

@@ -6,16 +6,9 @@ import comfy.sd
 import folder_paths
 from comfy_api.latest import io
 
-from .core.pairs import pair_from_models
-from .core.personalization import (
-    Personalization,
-    check_not_the_base,
-    lora_pair,
-    personalization_input,
-    personalization_of,
-)
+from .core.full_pairs import pair_from_models
+from .core.personalization import full_delta_input, load_pair, low_rank_spec, personalization_input, personalization_of
 from .core.schema import node_schema
-from .inputs import full_delta_input, low_rank_spec
 from .sockets import CATEGORY, FinetunedPairSocket
 
 
@@ -45,7 +38,7 @@ class LoadFinetunedPair(io.ComfyNode):
                     options=folder_paths.get_filename_list("checkpoints"),
                     tooltip="The pre-trained checkpoint the personalization was trained from.",
                 ),
-                personalization_input("checkpoints", finetuned_extra=[full_delta_input()]),
+                personalization_input("checkpoints"),
             ],
             outputs=[
                 FinetunedPairSocket.Output("pair", tooltip="Base and fine-tuned weights, for the Personalization Weak Model (or a preset)."),
@@ -70,17 +63,10 @@ class LoadFinetunedPair(io.ComfyNode):
         """``personalization`` as ComfyUI passes it (see ``personalization_of``); Python callers may pass the mode's
         name and its inputs as keywords."""
         chosen = personalization_of(personalization, lora_name=lora_name, lora_strength=lora_strength,
-                                    finetuned_checkpoint=finetuned_checkpoint, full_delta=full_delta)
-        if chosen.key == Personalization.LORA:
-            model, clip, vae = _checkpoint(base_checkpoint)
-            pair, ft_clip = lora_pair(chosen, model, clip)
-            return io.NodeOutput(pair, pair.finetuned, ft_clip, vae)
-        finetuned = chosen["finetuned_checkpoint"]
-        check_not_the_base("checkpoints", base_checkpoint, finetuned)
-        base_model = _checkpoint(base_checkpoint)[0]
-        ft_model, ft_clip, ft_vae = _checkpoint(finetuned)
-        low_rank = low_rank_spec(chosen["full_delta"], rank=rank, energy=energy)
-        return io.NodeOutput(pair_from_models(base_model, ft_model, low_rank), ft_model, ft_clip, ft_vae)
+                                    finetuned_checkpoint=finetuned_checkpoint, full_delta=full_delta, rank=rank,
+                                    energy=energy)
+        pair, (clip, vae) = load_pair(chosen, base_checkpoint, "checkpoints", "finetuned_checkpoint", _checkpoint)
+        return io.NodeOutput(pair, pair.finetuned, clip, vae)
 
 
 class PairFromModels(io.ComfyNode):

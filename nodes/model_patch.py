@@ -5,8 +5,9 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..guidance import GuidanceInputError
-from .core.runtime import Estimate, GuidanceConfig, attach
+from .core.runtime import attach
 from .core.schema import node_schema
+from .core.vocabulary import Estimate, GuidanceConfig
 from .inputs import estimate_input, estimate_of, model_input, personalization_scale_input, weak_model_input
 from .sockets import CATEGORY
 

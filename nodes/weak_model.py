@@ -6,8 +6,8 @@ from comfy_api.latest import io
 
 from ..guidance import OmegaSchedule, OmegaShape, check_unit_interval
 from .core.modes import Mode, mode_input
-from .core.runtime import WeakModel
 from .core.schema import node_schema
+from .core.vocabulary import WeakModel
 from .sockets import CATEGORY, FinetunedPairSocket, WeakModelSocket
 
 SCHEDULE = "schedule"

@@ -113,7 +113,7 @@ def load_text(results: dict) -> str:
     """How busy the machine was during a run (recorded since the load was found to double wall times)."""
     m = results.get("machine")
     if m is None:
-        return ("The machine's load was not recorded in this run's results.json (the README's study section gives "
+        return ("The machine's load was not recorded in this run's results.json (docs/study.md gives "
                 "it); wall times depend on it, the figures do not.")
     return (f"Load average (1, 5, 15 min) on its {m['cpus']} CPU(s): {', '.join(f'{v:.1f}' for v in m['load_start'])} "
             f"at the start, {', '.join(f'{v:.1f}' for v in m['load_end'])} at the end (this run itself adds about "

@@ -1,4 +1,4 @@
-"""guidance.deltas: weight deltas and the exact weak-model correction (SPEC.md, "Weak model").
+"""guidance.deltas: weight deltas and the exact weak-model correction (docs/design.md, "Conventions").
 
 Torch-only tier: no ComfyUI import. The central property: for every supported layer,
 ``add_weak_correction`` with ``coefficient = omega - 1`` turns the fine-tuned output on
@@ -472,7 +472,7 @@ def test_low_rank_delta_equals_hand_materialized_weight(name, seed, omega, rows,
     lora = (up.flatten(1) @ down.flatten(1)).reshape(w_pre.shape)
     with torch.no_grad():  # theta_ft = theta_pre + s * lora
         layer.weight.copy_(w_pre + scale * lora)
-    # The weak model is the same LoRA at strength omega * s (SPEC.md).
+    # The weak model is the same LoRA at strength omega * s (docs/design.md, "Conventions").
     ref = _by_hand(layer, weight=w_pre + (omega * scale) * lora)
     _assert_weak_rows(layer, x, LowRankDelta(up, down, scale), rows, omega, ref)
 

@@ -1,4 +1,4 @@
-"""guidance.estimates: the estimates of SPEC.md, their identities, and the evaluation plan.
+"""guidance.estimates: the estimates (docs/design.md, "The estimates"), their identities, and the evaluation plan.
 
 Torch-only tier: no ComfyUI import. References are derived independently of the code
 under test, mostly by expanding each estimate into its affine form
@@ -24,6 +24,7 @@ from guidance import (
     plan_for_rows,
     three_way,
     two_way,
+    weak_parameter,
 )
 from guidance.estimates import SCALE_MAX, SCALE_MIN
 
@@ -84,11 +85,11 @@ def test_cfg_is_bit_identical_to_comfyui_cfg_function(seed, shape, scale):
     for dtype in (torch.float32, torch.float16):
         c, u = predictions(seed, shape, 2, dtype)
         assert torch.equal(cfg(c, u, scale), u + (c - u) * scale)
-        # Two-way with omega = 1 is CFG on the fine-tuned model, to the bit (SPEC.md, two_way docstring).
+        # Two-way with omega = 1 is CFG on the fine-tuned model, to the bit (the two_way docstring).
         assert torch.equal(two_way(c, u, scale), u + (c - u) * scale)
 
 
-# ---------------------------------------------------------------------------- identities of SPEC.md
+# ---------------------------------------------------------------------------- identities of the estimates
 
 
 @FAST
@@ -98,21 +99,52 @@ def test_two_way_lambda_one_is_finetuned_positive(seed, shape):
     close64(two_way(c, w, 1.0), c)
 
 
-@FAST
-@given(seed=seeds, shape=shapes, lam=scales)
-def test_two_way_omega_one_is_cfg_with_null_negative(seed, shape, lam):
-    # omega = 1: the weak model is the fine-tuned model, so D_w(x, null) = D_ft(x, null).
-    c, ft_null = predictions(seed, shape, 2)
-    close64(two_way(c, ft_null, lam), cfg(c, ft_null, lam), lam)
-    close64(two_way(c, ft_null, lam), ft_null + lam * (c - ft_null), lam)
+class ToyPair:
+    """A denoiser D(x, cond) = W [x; cond] + b with base and fine-tuned weights, and its weak model at omega
+    (guidance.weak_parameter: theta_ft + (omega - 1) delta), so that the omega identities involve omega."""
+
+    def __init__(self, seed: int, width: int = 6):
+        g = torch.Generator().manual_seed(seed)
+        self.pre = [torch.randn(width, 2 * width, generator=g, dtype=torch.float64),
+                    torch.randn(width, generator=g, dtype=torch.float64)]
+        self.ft = [p + 0.3 * torch.randn(p.shape, generator=g, dtype=torch.float64) for p in self.pre]
+        self.x, self.c, self.null = (torch.randn(3, width, generator=g, dtype=torch.float64) for _ in range(3))
+
+    def weak(self, omega: float) -> list[torch.Tensor]:
+        return [weak_parameter(ft, ft - pre, omega - 1.0) for pre, ft in zip(self.pre, self.ft, strict=True)]
+
+    def denoise(self, params, cond) -> torch.Tensor:
+        return torch.nn.functional.linear(torch.cat([self.x, cond], dim=-1), *params)
 
 
 @FAST
-@given(seed=seeds, shape=shapes, lam=scales)
-def test_two_way_omega_zero_is_cfg_with_base_unconditional(seed, shape, lam):
+@given(seed=seeds, lam=scales)
+def test_two_way_omega_one_is_cfg_with_null_negative(seed, lam):
+    # omega = 1: the weak model is the fine-tuned model, so the estimate is CFG on it with the null prompt, bit for bit.
+    pair = ToyPair(seed)
+    d_c = pair.denoise(pair.ft, pair.c)
+    estimate = two_way(d_c, pair.denoise(pair.weak(1.0), pair.null), lam)
+    assert torch.equal(estimate, cfg(d_c, pair.denoise(pair.ft, pair.null), lam))
+
+
+@FAST
+@given(seed=seeds, lam=scales)
+def test_two_way_omega_zero_is_cfg_with_base_unconditional(seed, lam):
     # omega = 0: the weak model is the base model; CFG whose uncond branch is D_pre(x, null).
-    c, base_null = predictions(seed, shape, 2)
-    close64(two_way(c, base_null, lam), base_null + lam * (c - base_null), lam)
+    pair = ToyPair(seed)
+    d_c = pair.denoise(pair.ft, pair.c)
+    estimate = two_way(d_c, pair.denoise(pair.weak(0.0), pair.null), lam)
+    close64(estimate, cfg(d_c, pair.denoise(pair.pre, pair.null), lam), 10 * lam)
+
+
+@FAST
+@given(seed=seeds, lam=scales, omega=omegas)
+def test_two_way_weak_model_moves_with_omega(seed, lam, omega):
+    # Between the two: the weak prediction is affine in omega (D is affine in its weights), so the estimate is too.
+    pair = ToyPair(seed)
+    d_c = pair.denoise(pair.ft, pair.c)
+    at = {o: two_way(d_c, pair.denoise(pair.weak(o), pair.null), lam) for o in (0.0, 1.0, omega)}
+    close64(at[omega], (1.0 - omega) * at[0.0] + omega * at[1.0], 10 * (1.0 + lam))
 
 
 @FAST

@@ -1,4 +1,4 @@
-"""guidance.layers: the table of layer kinds, and where each changed parameter goes (SPEC.md, "Model families").
+"""guidance.layers: the table of layer kinds, and where each changed parameter goes (docs/design.md, "Routes and handlers").
 
 Torch-only tier. ComfyUI's own layer classes are matched by qualified name; here
 stand-ins with those names check the rows that name ComfyUI classes (their forwards

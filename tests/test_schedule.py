@@ -1,4 +1,4 @@
-"""guidance.schedule: OmegaSchedule validation and omega_at (SPEC.md, "Omega over the run").
+"""guidance.schedule: OmegaSchedule validation and omega_at (docs/design.md, "Omega over the run").
 
 Torch-only tier: no ComfyUI import.
 """
@@ -37,7 +37,7 @@ def schedules(draw, shape=shapes, min_width: float = 0.0):
 
 
 def reference_omega(s: OmegaSchedule, p: float) -> float:
-    """omega(p) written from SPEC.md, independently: interpolate with weight t = progress in the interval."""
+    """omega(p) written from docs/design.md ("Omega over the run"), independently: interpolate with weight t = progress in the interval."""
     if not s.p_start <= p <= s.p_end:
         return 1.0
     if s.shape == OmegaShape.CONSTANT:
@@ -140,7 +140,7 @@ def test_ramps_are_monotone_and_bounded_inside_the_interval(s, ps):
     for v in values:
         assert lo - ULP <= v <= hi + ULP
     direction = 1.0 if s.omega_end >= s.omega_start else -1.0
-    for a, b in zip(values, values[1:]):
+    for a, b in zip(values, values[1:], strict=False):
         assert direction * (b - a) >= -ULP
 
 

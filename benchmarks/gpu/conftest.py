@@ -23,7 +23,6 @@ sys.path.insert(0, COMFYUI_PATH)
 sys.path.insert(1, str(PACK_DIR / "tests" / "host"))
 
 import torch  # noqa: E402
-
 from comfy.cli_args import args  # noqa: E402
 
 args.cpu = not torch.cuda.is_available()
@@ -51,8 +50,8 @@ if torch.cuda.is_available() and os.environ.get("PG_DYNAMIC_VRAM") == "1":
 
 @pytest.fixture(scope="session")
 def comfy_host(tmp_path_factory):
-    import utils.extra_config  # noqa: F401
     import folder_paths
+    import utils.extra_config  # noqa: F401
 
     root = tmp_path_factory.mktemp("comfy")
     for folder in ("checkpoints", "loras", "diffusion_models", "embeddings"):

@@ -12,18 +12,16 @@ from __future__ import annotations
 
 import logging
 
-import pytest
-import torch
-
 import comfy.model_management
 import comfy.samplers
 import comfy.sd
 import comfy.supported_models
 import comfy.utils
 import conftest
-
+import pytest
 import reference
 import tiny
+import torch
 
 STEPS = 4
 LAMBDA = 5.0
@@ -75,7 +73,8 @@ class _HandOnDevice(reference.HandGuider):
         for hand in (self.ft, self.weak):
             hand.patcher.load_device = device
 
-    def predict_noise(self, x, timestep, model_options={}, seed=None):
+    def predict_noise(self, x, timestep, model_options=None, seed=None):
+        model_options = {} if model_options is None else model_options
         comfy.model_management.load_models_gpu([self.ft.patcher, self.weak.patcher])
         device = x.device
         self.hand_conds = {k: None if v is None else (v[0].to(device), v[1]) for k, v in self.hand_conds.items()}

@@ -24,10 +24,9 @@ delivers, and forward hooks fire around the layer's call.
 
 from __future__ import annotations
 
-import torch
-
 import comfy.model_patcher
 import comfy.ops
+import torch
 
 try:  # ComfyUI 0.33: fp8 / fp4 / int8 layouts from comfy-kitchen
     from comfy.quant_ops import QuantizedTensor

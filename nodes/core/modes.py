@@ -22,8 +22,8 @@ combo as a keyword-only parameter (``def validate_inputs(cls, a, b, *, estimate=
 ComfyUI reads only positional parameters when it decides where to show a message.
 
 A node with a new mode-dependent input list reuses ``mode_input`` and ``Mode.of``:
-see ``nodes/load_pair.py`` (the personalization: a LoRA and its strength, or a
-fine-tuned checkpoint) and ``nodes/guider.py`` (the estimate and its scales).
+see ``core/personalization.py`` (the personalization: a LoRA and its strength, or a
+fine-tuned file) and ``nodes/inputs.py`` (the estimate and its scales).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The host tier: a real ComfyUI named by COMFYUI_PATH, used as a library (HOST.md).
+"""The host tier: a real ComfyUI named by COMFYUI_PATH, used as a library (docs/testing.md).
 
 Every test here is skipped when COMFYUI_PATH is unset. ComfyUI is imported once per
 session, on the CPU, with its model folders pointed at a temporary directory that
@@ -35,8 +35,8 @@ def comfy_host(tmp_path_factory):
     # (comfyui-personalization-guidance): then this pack's nodes/ would shadow ComfyUI's nodes.py.
     sys.path.remove(COMFYUI_PATH)
     sys.path.insert(0, COMFYUI_PATH)
-    import utils.extra_config  # noqa: F401  (before nodes: see HOST.md)
     import folder_paths
+    import utils.extra_config  # noqa: F401  (before nodes: ComfyUI's nodes.py puts comfy/ first on sys.path)
 
     root = tmp_path_factory.mktemp("comfy")
     for folder in ("checkpoints", "loras", "diffusion_models", "embeddings"):
@@ -61,7 +61,6 @@ def tiny_files(comfy_host):
     """Tiny SD1.5 checkpoints and diffusion models (base and fine-tune) and LoRAs in ComfyUI's model folders; returns
     their names."""
     import comfy.utils
-
     import tiny
 
     root = comfy_host.models_root
@@ -98,10 +97,9 @@ def tiny_files(comfy_host):
 def family_folders(comfy_host):
     """ComfyUI's vae and text_encoders folders, in the temporary model root: the Wan 2.1 VAE (also Qwen-Image's), and a
     placeholder that CLIPLoader lists (the host tier never loads a text encoder: detectable.py says why)."""
+    import detectable
     import folder_paths
     import torch
-
-    import detectable
 
     root = comfy_host.models_root
     for folder in ("vae", "text_encoders"):

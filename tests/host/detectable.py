@@ -37,16 +37,14 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 import comfy.ldm.models.autoencoder
 import comfy.ldm.wan.vae
 import comfy.model_detection
 import comfy.model_patcher
 import comfy.supported_models
 import comfy.utils
-
 import families
+import torch
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,9 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
-
 import comfy.model_patcher
 import comfy.supported_models
+import torch
 
 
 def _generator(seed: int, name: str = "") -> torch.Generator:

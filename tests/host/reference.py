@@ -3,12 +3,10 @@ and the guidance formulas written out here, not imported from the pack."""
 
 from __future__ import annotations
 
-import torch
-
 import comfy.samplers
 import comfy.supported_models
-
 import tiny
+import torch
 
 PREFIX = "model.diffusion_model."
 
@@ -88,7 +86,8 @@ class HandGuider(comfy.samplers.CFGGuider):
         self.set_cfg(lam_t)
         self.omegas = []
 
-    def predict_noise(self, x, timestep, model_options={}, seed=None):
+    def predict_noise(self, x, timestep, model_options=None, seed=None):
+        model_options = {} if model_options is None else model_options
         sigma = float(timestep.flatten()[0])
         omega = self.omega_of_p(progress(self.ft.model.model_sampling, sigma))
         self.omegas.append(omega)

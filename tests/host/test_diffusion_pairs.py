@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import logging
 
-import pytest
-import torch
-
 import comfy.samplers
 import comfy.supported_models
 import comfy.utils
 import folder_paths
-
+import pytest
 import reference
 import tiny
+import torch
 
 STEPS = 3
 LAMBDA = 5.0
@@ -97,7 +95,7 @@ def test_fp8_weights_computed_in_fp32_sample_exactly(comfy_host, files, caplog):
 
 
 def test_low_rank_error_falls_with_the_rank_and_is_reported(comfy_host, files, caplog):
-    """The relative error of the sampled latent against the exact pair, as a function of the rank (README, low rank).
+    """The relative error of the sampled latent against the exact pair, as a function of the rank (docs/design.md, "Memory and cost").
     The tiny fine-tune moves every weight by independent noise, the hardest case for a low rank."""
     nodes, conds = comfy_host.nodes, _conds(6)
     exact = _sample(nodes, _load(nodes, files, "fine-tuned checkpoint")[0], conds)
@@ -127,7 +125,7 @@ def test_a_pair_that_cannot_fit_is_refused_with_the_figures_before_any_weight_is
     import comfy.model_management
 
     nodes = comfy_host.nodes
-    pairs = nodes.core.pairs
+    pairs = nodes.core.full_pairs
     loader = nodes.load_diffusion_pair.comfy_nodes.UNETLoader()
     base, finetuned = (loader.load_unet(files[k], "default")[0] for k in ("base", "finetuned"))
     kept, transient = pairs.plan_pair(base, finetuned).memory

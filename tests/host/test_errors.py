@@ -1,17 +1,15 @@
-"""Bad input: a clear error before sampling (SPEC.md, "Bad input")."""
+"""Bad input: a clear error before sampling (docs/design.md, "Bad input")."""
 
 from __future__ import annotations
 
 import logging
 
-import pytest
-import torch
-
 import comfy.supported_models
 import comfy.utils
 import folder_paths
-
+import pytest
 import tiny
+import torch
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +54,7 @@ def test_nan_in_lora_is_an_error(comfy_host, tiny_files, error):
     lora[key][0, 0] = float("nan")
     base = tiny.model_patcher(comfy.supported_models.SD15, tiny.SD15_UNET, tiny_files["unet"]["base"])
     with pytest.raises(error, match=f"NaN or Inf in 1 tensor.*{key}"):
-        comfy_host.nodes.core.pairs.load_lora_pair(base, None, lora, 1.0, "bad.safetensors")
+        comfy_host.nodes.core.lora_pairs.load_lora_pair(base, None, lora, 1.0, "bad.safetensors")
 
 
 def test_inf_in_finetuned_weights_is_an_error(comfy_host, tiny_files, error):

@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import logging
 
-import pytest
-import torch
-
 import comfy.model_management
 import comfy.samplers
 import comfy.sd
-
 import families
+import pytest
 import reference
+import torch
 
 STEPS = 3
 LAMBDA, LAMBDA_P = 4.0, 2.0
@@ -79,7 +77,8 @@ class SeparateModels(comfy.samplers.CFGGuider):
         self.loaded_omega = None
         self.omegas = []
 
-    def predict_noise(self, x, timestep, model_options={}, seed=None):
+    def predict_noise(self, x, timestep, model_options=None, seed=None):
+        model_options = {} if model_options is None else model_options
         import guidance
 
         sampling = self.inner_model.model_sampling

@@ -1,14 +1,13 @@
-"""A run that is interrupted or fails leaves every loaded model bit-identical to before (SPEC.md)."""
+"""A run that is interrupted or fails leaves every loaded model bit-identical to before (docs/design.md, "Bad input")."""
 
 from __future__ import annotations
-
-import pytest
-import torch
 
 import comfy.model_management
 import comfy.samplers
 import comfy.utils
 import folder_paths
+import pytest
+import torch
 
 
 def _cond(seed):

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import logging
 
-import pytest
-import torch
-
 import comfy.samplers
 import comfy.supported_models
-
+import pytest
 import reference
 import tiny
+import torch
 
 STEPS = 3
 LAMBDA = 5.0
@@ -157,7 +155,7 @@ def test_sampled_latent_matches_hand_reference(setup, pair, schedule, estimate, 
     reference.close(ours, expected)
     if schedule == "linear":
         assert len(set(omegas)) > 2, "the schedule should move omega during the run"
-    # Evaluations per step (SPEC.md cost contract); the latent batch is 1.
+    # Evaluations per step (docs/design.md, "Memory and cost"); the latent batch is 1.
     if estimate == "two-way":
         assert rows_per_step == 2
     elif negative or schedule == "constant":
@@ -214,8 +212,8 @@ def test_route_per_pair_kind(setup, pair_name, estimate, expected, monkeypatch):
     assert log.calls == expected * STEPS
     assert not any("forward" in m.__dict__ for m in pair.finetuned.model.modules())
     assert {name: id(p) for name, p in pair.finetuned.model.named_parameters()} == params
-    extra = guider.model_patcher.get_additional_models_with_key(nodes.core.runtime.WRAPPER_KEY)
-    # Two weight sets at most (SPEC.md): with omega moving, theta_ft and the delta (weak weights formed just in time).
+    extra = guider.model_patcher.get_additional_models_with_key(nodes.core.vocabulary.WRAPPER_KEY)
+    # Two weight sets at most (docs/design.md, "Memory and cost"): with omega moving, theta_ft and the delta (weak weights formed just in time).
     assert extra == [pair.delta_patcher]
     if pair_name == "full":
         flat = nodes.weak_model.WeakModelInterpolator.execute(pair, **SCHEDULES["constant"][0]).args[0]
@@ -227,14 +225,14 @@ def test_route_per_pair_kind(setup, pair_name, estimate, expected, monkeypatch):
 
         # On the CPU the device is the system memory that holds the delta: a workspace would be a third weight set.
         for g in guiders():
-            assert g.model_patcher.get_additional_models_with_key(nodes.core.runtime.WRAPPER_KEY) == [pair.delta_patcher]
+            assert g.model_patcher.get_additional_models_with_key(nodes.core.vocabulary.WRAPPER_KEY) == [pair.delta_patcher]
         assert pair.workspace is None
         # Where the device has room (a GPU): theta_ft and the weak weights, one workspace per pair shared by its guiders.
         monkeypatch.setattr(nodes.core.runtime, "_workspace_fits", lambda model, nbytes: True)
         monkeypatch.setattr(pair, "workspace", None)  # made here, dropped after
         for g in guiders():
             assert pair.workspace is not None
-            assert g.model_patcher.get_additional_models_with_key(nodes.core.runtime.WRAPPER_KEY) == [pair.workspace]
+            assert g.model_patcher.get_additional_models_with_key(nodes.core.vocabulary.WRAPPER_KEY) == [pair.workspace]
     else:
         assert pair.workspace is None
 
@@ -268,17 +266,17 @@ def test_weak_weights_are_formed_once_per_value_of_omega(setup, monkeypatch):
     per forward with weak rows, which has a new omega each time (omega 1 needs none)."""
     nodes = setup["nodes"]
     pair = setup["pairs"]["full"][0]
-    runtime = nodes.core.runtime
+    weak_weights = nodes.core.weak_weights
     formed = []
-    weak_parameter = runtime.weak_parameter
+    weak_parameter = weak_weights.weak_parameter
 
     def counting(finetuned, delta, coefficient, out=None):
         formed.append(coefficient)
         return weak_parameter(finetuned, delta, coefficient, out=out)
 
-    monkeypatch.setattr(runtime, "weak_parameter", counting)  # forming the workspace
-    monkeypatch.setattr(nodes.core.layers, "weak_parameter", counting)  # forming just in time
-    monkeypatch.setattr(runtime, "_workspace_fits", lambda model, nbytes: True)  # as on a GPU with room
+    monkeypatch.setattr(weak_weights, "weak_parameter", counting)  # forming the workspace
+    monkeypatch.setattr(nodes.core.handlers, "weak_parameter", counting)  # forming just in time
+    monkeypatch.setattr(weak_weights, "workspace_fits", lambda model, nbytes: True)  # as on a GPU with room
     monkeypatch.setattr(pair, "workspace", None)  # made here, dropped after
     conds = setup["conds"]
 
@@ -314,12 +312,12 @@ def test_weak_weights_follow_the_loaded_weights(setup, tiny_files, monkeypatch):
 
     nodes = setup["nodes"]
     pair = setup["pairs"]["full"][0]
-    runtime = nodes.core.runtime
+    weak_weights = nodes.core.weak_weights
     formed = []
-    weak_parameter = runtime.weak_parameter
-    monkeypatch.setattr(runtime, "weak_parameter",
+    weak_parameter = weak_weights.weak_parameter
+    monkeypatch.setattr(weak_weights, "weak_parameter",
                         lambda finetuned, delta, c, out=None: formed.append(c) or weak_parameter(finetuned, delta, c, out=out))
-    monkeypatch.setattr(runtime, "_workspace_fits", lambda model, nbytes: True)  # as on a GPU with room
+    monkeypatch.setattr(weak_weights, "workspace_fits", lambda model, nbytes: True)  # as on a GPU with room
     monkeypatch.setattr(pair, "workspace", None)  # made here, dropped after
     styled = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(pair.finetuned, tiny_files["lora"], 0.5)[0]
     weak = nodes.weak_model.WeakModelInterpolator.execute(pair, **SCHEDULES["constant"][0]).args[0]

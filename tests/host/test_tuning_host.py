@@ -10,7 +10,7 @@
   preset workflow queued twice executes nothing the second time (the preset's
   fingerprint keeps it cached).
 
-``PG_WRITE_DOCS=1`` also writes the README pictures docs/sweep_grid_tiny.png and
+``PG_WRITE_DOCS=1`` also writes the pictures of docs/tuning.md, docs/sweep_grid_tiny.png and
 docs/schedule_preview.png (tiny random-weight models, so the images are not pretty).
 """
 
@@ -71,7 +71,7 @@ def run_sweep(setup, estimate, omega_values, lambda_values, lambda_sweeps=LAMBDA
               guidance_scale=7.5, personalization_scale=3.0, latent=None, sampler_name="euler_ancestral"):
     noise, sampler, sigmas, empty = sampling_inputs(setup["model"], sampler_name)
     with torch.inference_mode():
-        return setup["nodes"].sweep.Sweep.execute(
+        return setup["nodes"].tuning.sweep.Sweep.execute(
             setup["model"], comfy_weak(setup, 0.5), setup["positive"], setup["null"], noise, sampler, sigmas,
             latent or empty, setup["vae"], estimate, omega_values, lambda_values, lambda_sweeps, guidance_scale,
             personalization_scale, negative=negative).args
@@ -102,7 +102,7 @@ def guider_image(setup, omega, estimate, guidance_scale, personalization_scale, 
 
 def grid_layout(setup, grid, rows, cols):
     """The layout the sweep drew (same labels, same font) and a check that its size is the grid's."""
-    image_grid = setup["nodes"].core.image_grid
+    image_grid = setup["nodes"].tuning.image_grid
     font = image_grid.label_font(SIZE, SIZE, cols)
     layout = image_grid.grid_layout(len(rows), len(cols), SIZE, SIZE, rows, cols, font)
     assert grid.shape[1:] == (layout.height, layout.width, 3)
@@ -293,7 +293,7 @@ def test_sweep_refuses_bad_input_before_sampling(setup, changes, message):
 
 
 def test_sweep_validation_reports_every_list_problem_at_once(setup):
-    validate = setup["nodes"].sweep.Sweep.validate_inputs
+    validate = setup["nodes"].tuning.sweep.Sweep.validate_inputs
     assert validate("0.3, 0.5", "5, 7.5") is True
     assert validate(None, None) is True  # linked: checked when it runs
     message = validate("0.3, abc, 1.5", "5, 500")
@@ -306,7 +306,7 @@ def test_sweep_validation_reports_every_list_problem_at_once(setup):
 
 def test_sweep_shows_lambda_sweeps_in_three_way_only(setup):
     """Sweeping the personalization scale needs the three-way estimate: only three-way shows the choice."""
-    (estimate,) = [i for i in setup["nodes"].sweep.Sweep.define_schema().inputs if i.id == "estimate"]
+    (estimate,) = [i for i in setup["nodes"].tuning.sweep.Sweep.define_schema().inputs if i.id == "estimate"]
     modes = {option.key: [i.id for i in option.inputs] for option in estimate.options}
     assert modes == {"two-way (paper)": [], "three-way": ["negative", "lambda_sweeps"]}
 
@@ -324,7 +324,7 @@ def test_schedule_preview_plots_the_omega_and_evaluations_of_sampling(setup, est
     weak = comfy_weak(setup, 0.1, schedule="cosine", omega_end=0.9, guidance_start=0.2, guidance_end=0.7)
     model_sampling = setup["model"].get_model_object("model_sampling")
     sigmas = comfy.samplers.calculate_sigmas(model_sampling, "normal", 8)
-    plot, table = nodes.schedule_preview.SchedulePreview.execute(
+    plot, table = nodes.tuning.schedule_preview.SchedulePreview.execute(
         setup["model"], weak, sigmas, estimate, 5.0, 2.0).args
 
     assert plot.shape == (1, 512, 768, 3) and plot.dtype == torch.float32
@@ -350,11 +350,11 @@ def test_schedule_preview_plots_the_omega_and_evaluations_of_sampling(setup, est
     assert counter.calls == [int(r["evaluations"]) for r in rows]
 
     # The plotted points: at the omega of each step, in the series' colour.
-    steps = nodes.schedule_preview.guidance_per_step(
+    steps = nodes.tuning.schedule_preview.guidance_per_step(
         weak.schedule, [r["progress"] for r in rows], 2.0 if estimate == "three-way" else 5.0, 5.0, True)
-    drawn = nodes.schedule_preview.plot_steps(steps, "title")
+    drawn = nodes.tuning.schedule_preview.plot_steps(steps, "title")
     pixels = drawn.image.load()
-    color = nodes.schedule_preview.OMEGA_COLOR
+    color = nodes.tuning.schedule_preview.OMEGA_COLOR
     points = drawn.points["omega"]
     assert all(pixels[x, y] == color for x, y in points)
     top, bottom = min(y for _, y in points), max(y for _, y in points)
@@ -374,7 +374,7 @@ def progress(model_sampling, sigma: float) -> float:
 
 
 def cosine_omega(p, start, end, p_start, p_end):
-    """SPEC.md's cosine shape, written out: omega_start at p_start to omega_end at p_end, 1 outside."""
+    """The cosine shape of docs/design.md ("Omega over the run"), written out: omega_start at p_start to omega_end at p_end, 1 outside."""
     import math
 
     if p < p_start or p > p_end:
@@ -386,7 +386,7 @@ def cosine_omega(p, start, end, p_start, p_end):
 def test_schedule_preview_refuses_a_negative_in_two_way_and_empty_sigmas(setup):
     GuidanceInputError = setup["guidance"].GuidanceInputError
 
-    preview = setup["nodes"].schedule_preview.SchedulePreview.execute
+    preview = setup["nodes"].tuning.schedule_preview.SchedulePreview.execute
     weak = comfy_weak(setup, 0.5)
     sigmas = torch.tensor([14.6, 0.0])
     with pytest.raises(GuidanceInputError, match="two-way estimate has no negative"):
@@ -402,12 +402,12 @@ def test_shipped_presets_load_as_weak_models(setup, user_dir):
     parse_preset = setup["guidance"].parse_preset
 
     nodes = setup["nodes"]
-    options = nodes.presets.LoadPreset.define_schema().inputs[1].options
+    options = nodes.tuning.presets.LoadPreset.define_schema().inputs[1].options
     shipped = sorted(p.stem for p in (PACK_DIR / "presets").glob("*.json"))
     assert options[: len(shipped)] == shipped and {"sd15_lora", "sdxl_lora"} <= set(shipped)
     for name in shipped:
         preset = parse_preset((PACK_DIR / "presets" / f"{name}.json").read_bytes())
-        weak, estimate, guidance_scale, personalization_scale = nodes.presets.LoadPreset.execute(setup["pair"], name).args
+        weak, estimate, guidance_scale, personalization_scale = nodes.tuning.presets.LoadPreset.execute(setup["pair"], name).args
         assert weak.pair is setup["pair"] and weak.schedule == preset.omega_schedule()
         assert estimate == {"two-way": "two-way (paper)", "three-way": "three-way"}[preset.estimate.value]
         assert (guidance_scale, personalization_scale) == (preset.guidance_scale, preset.personalization_scale)
@@ -423,7 +423,7 @@ def test_save_then_load_gives_back_the_values(setup, user_dir):
     OmegaSchedule = setup["guidance"].OmegaSchedule
 
     nodes = setup["nodes"]
-    save, load = nodes.presets.SavePreset, nodes.presets.LoadPreset
+    save, load = nodes.tuning.presets.SavePreset, nodes.tuning.presets.LoadPreset
     save.execute(**SAVED)
     path = user_dir / "personalization_guidance" / "presets" / "dog v2.json"
     assert json.loads(path.read_text())["description"] == "for the dog LoRA"
@@ -459,7 +459,7 @@ def test_save_refuses_bad_presets_and_writes_nothing(setup, user_dir, tmp_path, 
 
     before = sorted(p for p in user_dir.rglob("*"))
     with pytest.raises(GuidanceInputError, match=message):
-        setup["nodes"].presets.SavePreset.execute(**{**SAVED, "name": "refused", **changes})
+        setup["nodes"].tuning.presets.SavePreset.execute(**{**SAVED, "name": "refused", **changes})
     assert sorted(p for p in user_dir.rglob("*")) == before
     assert not (user_dir / "personalization_guidance" / "escape.json").exists()
 
@@ -471,11 +471,11 @@ def test_a_broken_user_preset_fails_with_its_file_and_reason(setup, user_dir):
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "broken.json").write_text('{"version": 1, "name": "broken", "omega": "__import__(\'os\')"}')
     try:
-        assert "broken" in setup["nodes"].presets.LoadPreset.define_schema().inputs[1].options
+        assert "broken" in setup["nodes"].tuning.presets.LoadPreset.define_schema().inputs[1].options
         with pytest.raises(GuidanceInputError, match=r"broken.json: missing key\(s\)"):
-            setup["nodes"].presets.LoadPreset.execute(setup["pair"], "broken")
+            setup["nodes"].tuning.presets.LoadPreset.execute(setup["pair"], "broken")
         with pytest.raises(GuidanceInputError, match="There is no preset named 'gone'"):
-            setup["nodes"].presets.LoadPreset.execute(setup["pair"], "gone")
+            setup["nodes"].tuning.presets.LoadPreset.execute(setup["pair"], "gone")
     finally:
         (folder / "broken.json").unlink()
 
@@ -634,11 +634,11 @@ def test_preset_outputs_wire_into_the_guider_widgets(setup, executor, tiny_files
     assert image.size == (SIZE, SIZE)
 
 
-# ------------------------------------------------------------------------------------------- README pictures
+# ------------------------------------------------------------------------------------ pictures of docs/tuning.md
 
 
 def test_readme_pictures_render(setup, tmp_path):
-    """Renders the README's sweep grid and schedule plot; PG_WRITE_DOCS=1 writes them into docs/."""
+    """Renders docs/tuning.md's sweep grid and schedule plot; PG_WRITE_DOCS=1 writes them into docs/."""
     from PIL import Image
 
     docs = PACK_DIR / "docs" if os.environ.get("PG_WRITE_DOCS") else tmp_path
@@ -646,7 +646,7 @@ def test_readme_pictures_render(setup, tmp_path):
     nodes = setup["nodes"]
     weak = comfy_weak(setup, 0.2, schedule="cosine", omega_end=1.0, guidance_start=0.0, guidance_end=0.8)
     sigmas = comfy.samplers.calculate_sigmas(setup["model"].get_model_object("model_sampling"), "normal", 20)
-    plot = nodes.schedule_preview.SchedulePreview.execute(setup["model"], weak, sigmas, "three-way", 7.5, 3.0).args[0]
+    plot = nodes.tuning.schedule_preview.SchedulePreview.execute(setup["model"], weak, sigmas, "three-way", 7.5, 3.0).args[0]
     for tensor, name in ((grid[0], "sweep_grid_tiny.png"), (plot[0], "schedule_preview.png")):
         pixels = (tensor * 255).round().clamp(0, 255).to(torch.uint8).numpy()
         Image.fromarray(pixels).save(docs / name, optimize=True)

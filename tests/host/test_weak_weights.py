@@ -1,4 +1,4 @@
-"""The weak evaluation really uses theta_pre + omega * delta (the clone trap of HOST.md), for every
+"""The weak evaluation really uses theta_pre + omega * delta (the clone trap: docs/testing.md, "Known traps"), for every
 kind of personalization: plain LoRA (low-rank, row by row), LoHa (dense fallback), full checkpoints,
 and MODELs from ComfyUI's own LoraLoader, on SD1.5 and SDXL architectures."""
 
@@ -7,14 +7,12 @@ from __future__ import annotations
 import logging
 import math
 
-import torch
-
 import comfy.samplers
 import comfy.sd
 import comfy.supported_models
-
 import reference
 import tiny
+import torch
 
 OMEGA = 0.25
 LAMBDA = 4.0

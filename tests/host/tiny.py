@@ -8,14 +8,13 @@ from __future__ import annotations
 import contextlib
 import math
 
-import torch
-
 import comfy.model_patcher
 import comfy.sd
 import comfy.supported_models
 import comfy.utils
+import torch
 
-# The smallest SD1.5 UNet that ComfyUI still detects as SD15 (HOST.md).
+# The smallest SD1.5 UNet that ComfyUI still detects as SD15 (docs/testing.md, "Tiny models").
 SD15_UNET = {
     "context_dim": 768,
     "model_channels": 320,

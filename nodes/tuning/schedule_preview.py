@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
-from ..guidance import (
+from ...guidance import (
     GuidanceInputError,
     OmegaShape,
     StepGuidance,
@@ -14,11 +14,11 @@ from ..guidance import (
     omega_at_sigma,
     progress_of_sigma,
 )
-from .core.plot import Panel, Series, line_plot
-from .core.runtime import Estimate
-from .core.schema import node_schema
-from .inputs import estimate_input, estimate_of, guidance_scale_input, personalization_scale_input, weak_model_input
-from .sockets import TUNING_CATEGORY
+from ..core.schema import node_schema
+from ..core.vocabulary import Estimate
+from ..inputs import estimate_input, estimate_of, guidance_scale_input, personalization_scale_input, weak_model_input
+from ..sockets import TUNING_CATEGORY
+from .plot import Panel, Series, line_plot
 
 OMEGA_COLOR = (31, 119, 180)
 WEIGHT_COLORS = {"D_ft(c)": (214, 39, 40), "D_ft(n)": (44, 160, 44), "D_w(null)": (148, 103, 189)}

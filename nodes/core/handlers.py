@@ -1,9 +1,7 @@
 """The per-layer machinery of a sampling run: how each changed module gives the weak rows their weights.
 
-The runtime (``runtime.py``) tells a ``RowState`` which rows of the current forward
-belong to the weak model: none, all of them (a weak evaluation in a forward of its
-own), or chunks of the model's batch (the weak null evaluation batched with the
-fine-tuned ones, as CFG batches cond and uncond). Each changed module has a handler:
+A ``rows.RowState`` says which rows of the current forward belong to the weak model. Each
+changed module has a handler, chosen by ``routing.py``:
 
 - ``Correction`` (any layer kind, however ComfyUI holds its weights): a forward hook
   adds ``(omega - 1) * F(x; delta)`` to the weak rows of the layer's output.
@@ -18,9 +16,7 @@ fine-tuned ones, as CFG batches cond and uncond). Each changed module has a hand
   or streams; weak forwards of their own only): ComfyUI's own ``weight_function``
   adds (omega - 1) * delta to the weight it delivers.
 
-A layer that sees another number of rows than the model's batch cannot be guided row
-by row (``RowLayoutChanged``): the runtime then moves the weak evaluation to a forward
-of its own, never guesses. After the first forward with weak rows it checks that every
+After the first forward with weak rows it checks that every
 handler that relies on its module being called was called, or that ComfyUI did not
 read the module's weights some other way (``ReadWatch``).
 Everything here exists only during a run: ``remove`` undoes it, and weights are never
@@ -30,75 +26,14 @@ written.
 from __future__ import annotations
 
 import logging
+
 import torch
 
 from ...guidance import DenseDelta, GuidanceInputError, LayerDelta, prepare_correction, weak_parameter
 from . import host
+from .rows import ALL, RowState, chunks, segments
 
 log = logging.getLogger(__name__)
-
-ALL = "all rows"  # every row of the current call is weak
-Rows = None | str | list[slice]
-
-
-class RowLayoutChanged(Exception):
-    """A layer saw another number of rows than the model's batch: its rows cannot be told apart by position."""
-
-    def __init__(self, handler: Handler, rows_seen: int, batch: int):
-        super().__init__(f"{handler.path} ({type(handler.module).__name__}) saw {rows_seen} rows in a forward of {batch}")
-        self.path = handler.path
-
-
-class RowState:
-    """Which rows of the current forward are weak, with what coefficient (omega - 1), and what ran."""
-
-    def __init__(self):
-        self.rows: Rows = None
-        self.batch = 0
-        self.coefficient: float | torch.Tensor = 0.0  # one value, or one per latent row (PG Sweep)
-        self.ran: set[int] = set()
-
-    @property
-    def inactive(self) -> bool:
-        """No weak rows, or omega = 1 for all of them: the weak model is the fine-tuned one."""
-        return self.rows is None or (not isinstance(self.coefficient, torch.Tensor) and self.coefficient == 0.0)
-
-    def weak_rows(self, handler: Handler, rows_seen: int) -> Rows:
-        """The weak rows of a call of ``handler``'s module that sees ``rows_seen`` rows."""
-        if self.rows is None:
-            return None
-        self.ran.add(id(handler))
-        if self.rows is ALL:
-            return ALL
-        if rows_seen != self.batch:
-            raise RowLayoutChanged(handler, rows_seen, self.batch)
-        return self.rows
-
-    def coefficient_for(self, rows: int):
-        """The coefficient for ``rows`` consecutive weak rows (per-row values repeat for every weak chunk)."""
-        c = self.coefficient
-        if isinstance(c, torch.Tensor) and c.shape[0] != rows:
-            if rows % c.shape[0]:
-                raise GuidanceInputError("Personalization guidance: per-row omega values do not match the batch.")
-            c = c.repeat(rows // c.shape[0])
-        return c
-
-
-def _chunks(rows: Rows, size: int) -> list[slice]:
-    return [slice(0, size)] if rows is ALL else rows
-
-
-def _segments(weak: list[slice], size: int) -> list[tuple[slice, bool]]:
-    """``range(size)`` cut into consecutive chunks, each marked weak or not."""
-    out, at = [], 0
-    for chunk in sorted(weak, key=lambda c: c.start):
-        if chunk.start > at:
-            out.append((slice(at, chunk.start), False))
-        out.append((chunk, True))
-        at = chunk.stop
-    if at < size:
-        out.append((slice(at, size), False))
-    return out
 
 
 def _first_tensor(args, kwargs) -> torch.Tensor | None:
@@ -158,7 +93,7 @@ class Correction(Handler):
             self.prepared.extend(prepare_correction(module, d, out.device, out.dtype) for d in self.deltas)
         if out.requires_grad:
             out = out.clone()
-        for chunk in _chunks(rows, x.shape[0]):
+        for chunk in chunks(rows, x.shape[0]):
             coefficient = self.state.coefficient_for(chunk.stop - chunk.start)
             for correction in self.prepared:
                 correction.add(x, out, chunk, coefficient)
@@ -207,7 +142,7 @@ class WeakWeights(Handler):
             rows = self.state.weak_rows(self, x.shape[0])
             if isinstance(self.state.coefficient, torch.Tensor):
                 raise GuidanceInputError(f"Personalization guidance: {self.path} cannot take one omega per row.")
-            weak = _segments(_chunks(rows, x.shape[0]), x.shape[0])
+            weak = segments(chunks(rows, x.shape[0]), x.shape[0])
             outs = []
             for chunk, is_weak in weak:
                 if not is_weak:
@@ -282,7 +217,7 @@ class Swap(Handler):
         self.saved = {name: tensors[name] for name in self.deltas}
         for name, delta in self.deltas.items():
             _set(module, name, weak_parameter(tensors[name], delta, self.state.coefficient))
-        self.state.ran.add(id(self))
+        self.state.mark_ran(self)
 
     def deactivate(self) -> None:
         if self.saved is not None:
@@ -314,11 +249,10 @@ class RowMixing(Handler):
             if state.inactive:
                 return own(x, *args, **kwargs)
             rows = state.weak_rows(self, x.shape[0])
-            weak = _segments(_chunks(rows, x.shape[0]), x.shape[0])
-            outs, saved = [], (state.rows, state.batch)
-            try:
-                for chunk, is_weak in weak:
-                    state.rows, state.batch = (ALL if is_weak else None), chunk.stop - chunk.start
+            weak = segments(chunks(rows, x.shape[0]), x.shape[0])
+            outs = []
+            for chunk, is_weak in weak:
+                with state.weak_call(ALL if is_weak else None, chunk.stop - chunk.start):
                     if is_weak:
                         for swap in self.swaps:
                             swap.activate()
@@ -327,8 +261,6 @@ class RowMixing(Handler):
                     finally:
                         for swap in self.swaps:
                             swap.deactivate()
-            finally:
-                state.rows, state.batch = saved
             return outs[0] if len(outs) == 1 else torch.cat(outs)
 
         self.module.forward = forward
@@ -363,7 +295,7 @@ class WeightFunction(Handler):
 
         def add(delta):
             def function(weight):
-                self.state.ran.add(id(self))
+                self.state.mark_ran(self)
                 return torch.add(weight, delta.to(device=weight.device, dtype=weight.dtype), alpha=coefficient)
             return function
 
@@ -410,13 +342,10 @@ class ReadWatch:
 
 
 __all__ = [
-    "ALL",
     "Correction",
     "Handler",
     "ReadWatch",
-    "RowLayoutChanged",
     "RowMixing",
-    "RowState",
     "Scratch",
     "Swap",
     "WeakWeights",

@@ -18,7 +18,7 @@ import folder_paths
 
 from ...guidance import GuidanceInputError, Preset, PresetEstimate, check_preset_name, parse_preset
 from ...guidance.presets import MAX_PRESET_BYTES
-from .runtime import Estimate
+from ..core.vocabulary import Estimate
 
 log = logging.getLogger(__name__)
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..guidance import Preset
-from .core import preset_store
-from .core.runtime import Estimate, WeakModel
-from .core.schema import node_schema
-from .inputs import estimate_input, estimate_of, guidance_scale_input, personalization_scale_input
-from .sockets import TUNING_CATEGORY, FinetunedPairSocket, WeakModelSocket
-from .weak_model import interval_inputs, schedule_input, schedule_of
+from ...guidance import Preset
+from ..core.schema import node_schema
+from ..core.vocabulary import Estimate, WeakModel
+from ..inputs import estimate_input, estimate_of, guidance_scale_input, personalization_scale_input
+from ..sockets import TUNING_CATEGORY, FinetunedPairSocket, WeakModelSocket
+from ..weak_model import interval_inputs, schedule_input, schedule_of
+from . import preset_store
 
 DEFAULT_PRESET = "sd15_lora"
 

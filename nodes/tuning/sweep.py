@@ -30,7 +30,7 @@ from comfy_api.latest import io
 
 import nodes as comfy_nodes  # ComfyUI's nodes.py (VAEDecode), not this pack's package
 
-from ..guidance import (
+from ...guidance import (
     GuidanceInputError,
     OmegaSchedule,
     check_scale,
@@ -38,13 +38,12 @@ from ..guidance import (
     parse_values,
     sweep_combinations,
 )
-from ..guidance.sweep import value_problems
-from .core.image_grid import labelled_grid
-from .core.runtime import Estimate, RowOmegasUnavailable, RowScales, WeakModel
-from .guider import make_guider
-from .core.modes import Mode, mode_input
-from .core.schema import node_schema
-from .inputs import (
+from ...guidance.sweep import value_problems
+from ..core.modes import Mode, mode_input
+from ..core.schema import node_schema
+from ..core.vocabulary import Estimate, RowOmegasUnavailable, RowScales, WeakModel
+from ..guider import make_guider
+from ..inputs import (
     estimate_input,
     estimate_of,
     guidance_scale_input,
@@ -52,7 +51,8 @@ from .inputs import (
     negative_input,
     personalization_scale_input,
 )
-from .sockets import TUNING_CATEGORY, WeakModelSocket
+from ..sockets import TUNING_CATEGORY, WeakModelSocket
+from .image_grid import labelled_grid
 
 log = logging.getLogger(__name__)
 
@@ -243,48 +243,71 @@ class Sweep(io.ComfyNode):
         ``lambda_sweeps``, the scale it does not sweep, and ``negative``, as arguments."""
         chosen = estimate_of(estimate, negative=negative, lambda_sweeps=lambda_sweeps)
         estimate, negative = chosen.key, chosen.get("negative")
+        swept = SweptScale.GUIDANCE
         if estimate == Estimate.THREE_WAY:
-            swept = Mode.of(SweptScale, LAMBDA_SWEEPS, chosen[LAMBDA_SWEEPS], guidance_scale=guidance_scale,
+            scale = Mode.of(SweptScale, LAMBDA_SWEEPS, chosen[LAMBDA_SWEEPS], guidance_scale=guidance_scale,
                             personalization_scale=personalization_scale)
-            guidance_scale = swept.get("guidance_scale", guidance_scale)
-            personalization_scale = swept.get("personalization_scale", personalization_scale)
-            swept = swept.key
-        else:
-            swept = SweptScale.GUIDANCE
+            guidance_scale = scale.get("guidance_scale", guidance_scale)
+            personalization_scale = scale.get("personalization_scale", personalization_scale)
+            swept = scale.key
         combinations = _check_lists(omega_values, lambda_values, latent_image["samples"].shape[0])
+        run = _SweepRun(model, weak_model, positive, null_conditioning, negative, estimate, swept, guidance_scale,
+                        personalization_scale, latent_image)
+        images = run.sample_all(combinations, noise, sampler, sigmas, vae)
+        return io.NodeOutput(*grid_of(images, combinations, lambda_name(estimate, swept)))
 
-        def scales(lam):
-            return (guidance_scale, lam) if swept == SweptScale.PERSONALIZATION else (lam, personalization_scale)
 
-        # What SamplerCustomAdvanced does with its inputs, once for all combinations.
-        latent = latent_image.copy()
-        latent["samples"] = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
-        noise_mask = latent.get("noise_mask")
-        per_batch = combinations_per_batch(model, sampler, latent["samples"], noise_mask, len(combinations),
-                                           pair=weak_model.pair)
+def grid_of(images: list[torch.Tensor], combinations: list[tuple[float, float]], symbol: str):
+    """The labelled grid per latent row (omega down, the swept scale across), the images, and their labels."""
+    row_labels = [f"omega {omega:g}" for omega in dict.fromkeys(omega for omega, _ in combinations)]
+    col_labels = [f"{symbol} {lam:g}" for lam in dict.fromkeys(lam for _, lam in combinations)]
+    batch = images[0].shape[0]
+    grids = [labelled_grid([image[b] for image in images], row_labels, col_labels)[0] for b in range(batch)]
+    labels = [f"omega {omega:g}, {symbol} {lam:g}" for omega, lam in combinations for _ in range(batch)]
+    return torch.stack(grids), torch.cat(images), "\n".join(labels) + "\n"
+
+
+class _SweepRun:
+    """One sweep: what SamplerCustomAdvanced does with its inputs, once for all combinations, then the combinations
+    in groups (rows of one batch where that keeps every image as it is: module docstring)."""
+
+    def __init__(self, model, weak_model: WeakModel, positive, null, negative, estimate: Estimate, swept: SweptScale,
+                 guidance_scale: float, personalization_scale: float, latent_image: dict):
+        self.model, self.pair = model, weak_model.pair
+        self.conds = (positive, null, negative)
+        self.estimate, self.swept = estimate, swept
+        self.guidance_scale, self.personalization_scale = guidance_scale, personalization_scale
+        self.latent = latent_image.copy()
+        self.latent["samples"] = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
+
+    def guider_for(self, group: list[tuple[float, float]]):
+        """The guider of a group of combinations: one omega and scale per latent row when there are several."""
+        omega, lam = group[0]
+        rows = None
+        if len(group) > 1:
+            each = self.latent["samples"].shape[0]
+            scale = "lambda_p" if self.swept == SweptScale.PERSONALIZATION else "lambda_t"
+            rows = RowScales(omega=tuple(o for o, _ in group for _ in range(each)),
+                             **{scale: tuple(la for _, la in group for _ in range(each))})
+        scales = ((self.guidance_scale, lam) if self.swept == SweptScale.PERSONALIZATION
+                  else (lam, self.personalization_scale))
+        positive, null, negative = self.conds
+        return make_guider(self.model, WeakModel(self.pair, OmegaSchedule.constant(omega)), positive, null,
+                           self.estimate.value, *scales, negative=negative, rows=rows)
+
+    def sample_all(self, combinations, noise, sampler, sigmas, vae) -> list[torch.Tensor]:
+        """Every combination's decoded images, in order."""
+        latent, noise_mask = self.latent, self.latent.get("noise_mask")
+        per_batch = combinations_per_batch(self.model, sampler, latent["samples"], noise_mask, len(combinations),
+                                           pair=self.pair)
         groups = [combinations[i:i + per_batch] for i in range(0, len(combinations), per_batch)]
         log.info("Personalization Sweep: %d combinations in %d sampling run(s).", len(combinations), len(groups))
-
-        def guider_for(group):
-            omega, lam = group[0]
-            weak = WeakModel(weak_model.pair, OmegaSchedule.constant(omega))
-            rows = None
-            if len(group) > 1:  # one omega and scale per latent row
-                each = latent["samples"].shape[0]
-                values = {"omega": tuple(o for o, _ in group for _ in range(each)),
-                          "lambda_p" if swept == SweptScale.PERSONALIZATION else "lambda_t":
-                          tuple(la for _, la in group for _ in range(each))}
-                rows = RowScales(**values)
-            return make_guider(model, weak, positive, null_conditioning, estimate.value, *scales(lam),
-                               negative=negative, rows=rows)
-
         # Every guider first, so that any bad input stops the sweep before the first step.
-        guiders = [guider_for(group) for group in groups]
-
+        guiders = [self.guider_for(group) for group in groups]
         start = noise.generate_noise(latent)
-        steps = sigmas.shape[-1] - 1
-        progress = comfy.utils.ProgressBar(len(combinations) * max(steps, 1))
-        previewer = latent_preview.get_previewer(model.load_device, model.model.latent_format)
+        steps = max(sigmas.shape[-1] - 1, 1)
+        progress = comfy.utils.ProgressBar(len(combinations) * steps)
+        previewer = latent_preview.get_previewer(self.model.load_device, self.model.model.latent_format)
 
         def sample(group, guider, done):
             def callback(step, x0, x, total_steps):
@@ -306,18 +329,8 @@ class Sweep(io.ComfyNode):
                 # Found only once the model is loaded (the route changed): the combinations one after another.
                 log.info("PG Sweep: %s; %d combinations sampled one after another.", unavailable, len(group))
                 latents = [chunk for j, single in enumerate(group)
-                           for chunk in sample([single], guider_for([single]), done + j * max(steps, 1))]
-            for chunk in latents:
-                images.append(comfy_nodes.VAEDecode().decode(vae, {**latent, "samples": chunk})[0])
-            done += len(group) * max(steps, 1)
+                           for chunk in sample([single], self.guider_for([single]), done + j * steps)]
+            images += [comfy_nodes.VAEDecode().decode(vae, {**latent, "samples": chunk})[0] for chunk in latents]
+            done += len(group) * steps
             progress.update_absolute(done)
-
-        symbol = lambda_name(estimate, swept)
-        omegas = list(dict.fromkeys(omega for omega, _ in combinations))
-        lambdas = list(dict.fromkeys(lam for _, lam in combinations))
-        row_labels = [f"omega {omega:g}" for omega in omegas]
-        col_labels = [f"{symbol} {lam:g}" for lam in lambdas]
-        batch = images[0].shape[0]
-        grids = [labelled_grid([image[b] for image in images], row_labels, col_labels)[0] for b in range(batch)]
-        labels = [f"omega {omega:g}, {symbol} {lam:g}" for omega, lam in combinations for _ in range(batch)]
-        return io.NodeOutput(torch.stack(grids), torch.cat(images), "\n".join(labels) + "\n")
+        return images
