@@ -178,12 +178,35 @@ def two_model_guider(ft, weak, positive, null, lam):
     return TwoModelGuider(ft, weak)
 
 
+def hook_guider(base, lora, positive, null, opts, mode):
+    """The stock way with ComfyUI's hooks: the LoRA at strength 1 on the prompt, at omega on the null prompt."""
+    import comfy.hooks
+    import comfy.samplers
+
+    model = base.clone()
+    model.hook_mode = mode
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(comfy.hooks.set_hooks_for_conditioning(positive, comfy.hooks.create_hook_lora(lora, 1.0, 0.0)),
+                     comfy.hooks.set_hooks_for_conditioning(null, comfy.hooks.create_hook_lora(lora, opts.omega, 0.0)))
+    guider.set_cfg(opts.lam)
+    return guider
+
+
+def sampling_inputs(model, size: int, steps: int, torch):
+    """(noise, latent, sampler, sigmas) for one SD1.5-architecture run at ``size`` pixels."""
+    import comfy.samplers
+
+    latent = torch.zeros(1, 4, size // 8, size // 8)
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(5))
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", steps)
+    return noise, latent, comfy.samplers.sampler_object("euler"), sigmas
+
+
 def sd15_routes(pack, opts, torch, device):
     """The routes timed on an SD1.5-architecture UNet (tiny, or SD1.5 size with --full-size): CFG baselines, the pack's
     LoRA and full pairs, and the stock ways without the pack. Returns (routes, baseline of each, sampling inputs,
     a function giving the weights a route loads beside the model's own, the UNet's parameter count, image size)."""
     import comfy.hooks
-    import comfy.model_management
     import comfy.samplers
     import comfy.sd
     import comfy.supported_models
@@ -232,11 +255,7 @@ def sd15_routes(pack, opts, torch, device):
         return pack.nodes.guider.PersonalizationGuider.execute(pair.finetuned, weak, positive, null, "two-way (paper)", opts.lam, 1.0).args[0]
 
     def hooks(mode):
-        model = base.clone()
-        model.hook_mode = mode
-        pos = comfy.hooks.set_hooks_for_conditioning(positive, comfy.hooks.create_hook_lora(lora, 1.0, 0.0))
-        neg = comfy.hooks.set_hooks_for_conditioning(null, comfy.hooks.create_hook_lora(lora, opts.omega, 0.0))
-        return cfg(model, pos, neg)
+        return hook_guider(base, lora, positive, null, opts, mode)
 
     routes = {
         "CFG, LoRA model (baseline A)": lambda: cfg(lora_ft),
@@ -254,10 +273,7 @@ def sd15_routes(pack, opts, torch, device):
         keep = {name for name in routes if any(text.strip() in name for text in opts.only.split(","))}
         keep |= {baseline[name] for name in keep}
         routes = {name: make for name, make in routes.items() if name in keep}
-    latent = torch.zeros(1, 4, size // 8, size // 8)
-    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(5))
-    sigmas = comfy.samplers.calculate_sigmas(base.get_model_object("model_sampling"), "normal", opts.steps)
-    inputs = (noise, latent, comfy.samplers.sampler_object("euler"), sigmas)
+    inputs = sampling_inputs(base, size, opts.steps, torch)
 
     def extra_weights(guider) -> int:
         """Bytes of weights that the route loads beside the fine-tuned model's own."""

@@ -12,13 +12,15 @@ changed module has a handler, chosen by ``routing.py``:
   weak forwards of their own only): the owner runs with the weak value.
 - ``RowMixing`` (a module whose inside does not keep rows apart): it runs its weak
   rows in a call of their own, in which every row is weak for the handlers inside.
+- ``ReadBoth`` (a layer of a pair that keeps no delta: GGUF weights): in each forward it
+  reads the fine-tuned weights as the layer computes with them and the base's, and runs
+  its fine-tuned rows with the first and its weak rows with theta_ft + (omega - 1) delta.
 - ``WeightFunction`` (a comfy.ops layer whose weights ComfyUI reads without calling it,
   or streams; weak forwards of their own only): ComfyUI's own ``weight_function``
   adds (omega - 1) * delta to the weight it delivers.
 
-After the first forward with weak rows it checks that every
-handler that relies on its module being called was called, or that ComfyUI did not
-read the module's weights some other way (``ReadWatch``).
+After the first forward with weak rows the run checks that every handler that relies on
+its module being called was called (``routing.ReadWatch``).
 Everything here exists only during a run: ``remove`` undoes it, and weights are never
 written.
 """
@@ -178,6 +180,70 @@ class WeakWeights(Handler):
         return out
 
 
+class ReadBoth(Handler):
+    """A layer whose delta is read from both models as it runs (``pairs.LazyDelta``: GGUF weights, whose dense delta
+    would outweigh the quantized files). Each forward with weak rows takes the weights the loaded layer computes with
+    (a GGUF layer dequantizes and patches them, as it would itself), forms the weak ones from them and the base's, one
+    layer at a time, and runs its fine-tuned rows with the first and its weak rows with the second, as plain tensors
+    in place of its own (so a GGUF layer takes comfy.ops' ordinary path for them)."""
+
+    per_row_omega = False
+
+    def __init__(self, path, module, state, delta, same_patches: bool):
+        super().__init__(path, module, state)
+        self.delta = delta
+        self.same_patches = same_patches  # the sampled MODEL has the pair's patches here, nothing on top
+
+    def install(self) -> None:
+        own = type(self.module).forward.__get__(self.module)
+        params = self.module._parameters
+
+        def forward(x, *args, **kwargs):
+            if self.state.inactive:
+                return own(x, *args, **kwargs)
+            rows = self.state.weak_rows(self, x.shape[0])
+            if isinstance(self.state.coefficient, torch.Tensor):
+                raise GuidanceInputError(f"Personalization guidance: {self.path} cannot take one omega per row.")
+            finetuned, weak = self.weights(x)
+            saved = dict(params)
+            try:
+                outs = []
+                for chunk, is_weak in segments(chunks(rows, x.shape[0]), x.shape[0]):
+                    params.update(weak if is_weak else finetuned)
+                    outs.append(own(x[chunk], *args, **kwargs))
+            finally:
+                params.update(saved)
+            return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+        self.module.forward = forward
+
+    def remove(self) -> None:
+        self.module.__dict__.pop("forward", None)
+
+    @torch.no_grad()
+    def weights(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(the weights the layer computes with, the weak ones): W + (omega - 1) (W_ft - W_pre) for the changed
+        parameters, where W is what the sampled MODEL computes with and W_ft the pair's fine-tuned weights."""
+        c = self.state.coefficient
+        finetuned, weak = {}, {}
+        for name, tensor in self.module._parameters.items():
+            if tensor is None or (name not in self.delta.names and not host.is_gguf_packed(tensor)):
+                continue
+            dtype = (x.dtype if x.is_floating_point() and (host.casts_weights(self.module) or host.is_gguf_packed(tensor))
+                     else host.float_dtype(tensor))
+            value = host.computed_weight(self.module, name, dtype, x.device)
+            if value is None:
+                raise GuidanceInputError(
+                    f"Personalization guidance cannot read the weights of {self.path} as they are computed here "
+                    "(ComfyUI casts and patches them on the fly, as in a partial load), which a pair read from two "
+                    "models needs. Free memory so that the models load fully, or use the low-rank option.")
+            finetuned[name] = weak[name] = value
+            if name in self.delta.names:
+                pair = value if self.same_patches else self.delta.finetuned_value(name, dtype, x.device)
+                weak[name] = self.delta.base_value(name, dtype, x.device).sub_(pair).mul_(-c).add_(value)
+        return finetuned, weak
+
+
 class Swap(Handler):
     """Parameters whose use is not known row by row (inline parameters, or a module that is no layer kind): in a
     forward where every row is weak, the module holds weak values for the whole forward, however it reads them.
@@ -310,41 +376,10 @@ class WeightFunction(Handler):
         self.end_forward()
 
 
-class ReadWatch:
-    """For one forward: which comfy.ops layers had their weights read through ``cast_bias_weight`` outside their own
-    call (a fused kernel that reads the weights and skips the layer), found with a pass-through ``weight_function``.
-    """
-
-    def __init__(self, layers: dict[str, torch.nn.Module]):
-        self.layers = {path: layer for path, layer in layers.items() if host.casts_through_comfy(layer)}
-        self.inside: set[str] = set()
-        self.outside: set[str] = set()
-        self.saved: dict[str, dict] = {}
-        self.handles: list = []
-
-    def __enter__(self) -> ReadWatch:
-        for path, layer in self.layers.items():
-            def seen(weight, path=path):
-                if path not in self.inside:
-                    self.outside.add(path)
-                return weight
-            self.saved[path] = host.with_weight_functions(layer, {"weight": [seen]})
-            self.handles.append(layer.register_forward_pre_hook(lambda m, a, path=path: self.inside.add(path)))
-            self.handles.append(layer.register_forward_hook(lambda m, a, o, path=path: self.inside.discard(path),
-                                                            always_call=True))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for path, saved in self.saved.items():
-            host.restore_attributes(self.layers[path], saved)
-        for handle in self.handles:
-            handle.remove()
-
-
 __all__ = [
     "Correction",
     "Handler",
-    "ReadWatch",
+    "ReadBoth",
     "RowMixing",
     "Scratch",
     "Swap",

@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass, field
 
 import comfy.lora
+import comfy.model_management
 import comfy.model_patcher
 import torch
 
@@ -51,6 +52,8 @@ class DeltaWeights(torch.nn.Module):
         index = 0
         for layer_deltas in deltas.values():
             for delta in layer_deltas:
+                if isinstance(delta, LazyDelta):
+                    continue
                 tensors = delta.params if isinstance(delta, DenseDelta) else {"up": delta.up, "down": delta.down}
                 for name, tensor in list(tensors.items()):
                     param = torch.nn.Parameter(tensor, requires_grad=False)
@@ -91,6 +94,31 @@ class Approximation:
 
 
 @dataclass
+class LazyDelta:
+    """A module's delta that is never kept: read from the two models each time the module runs. theta_ft is what
+    the loaded fine-tuned layer computes with, theta_pre what ``base`` computes with for the same parameters
+    (``host.original_value``). For pairs with GGUF weights, whose dense delta would be several times the size of the
+    quantized files (docs/design.md, "Memory and cost")."""
+
+    base: comfy.model_patcher.ModelPatcher
+    finetuned: comfy.model_patcher.ModelPatcher
+    path: str
+    names: tuple[str, ...]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return []
+
+    def base_value(self, name: str, dtype: torch.dtype, device) -> torch.Tensor:
+        """theta_pre of parameter ``name``, a new tensor."""
+        return host.original_value(self.base, f"{self.path}.{name}", dtype, device)
+
+    def finetuned_value(self, name: str, dtype: torch.dtype, device) -> torch.Tensor:
+        """theta_ft of parameter ``name`` as the pair's fine-tuned MODEL has it (without what a MODEL made from it
+        adds on top), a new tensor."""
+        return host.original_value(self.finetuned, f"{self.path}.{name}", dtype, device)
+
+
+@dataclass
 class FinetunedPair:
     """The fine-tuned MODEL and delta = theta_ft - theta_pre per module of its diffusion model.
 
@@ -105,6 +133,10 @@ class FinetunedPair:
     placements: dict[str, ChangedParameter]
     dense_fallbacks: int = 0
     approximation: Approximation | None = None
+    # The base MODEL, where the pair reads it while sampling (lazy deltas of a separately loaded base): ComfyUI loads
+    # it with the fine-tuned model. None where nothing is read from it, or where it shares the fine-tuned model's
+    # weights (an adapter on the base).
+    reads_base: comfy.model_patcher.ModelPatcher | None = None
     delta_patcher: comfy.model_patcher.ModelPatcher = field(init=False, repr=False)
     # Room for weak parameters, made by the runtime on first use where the pair samples with weak weights.
     workspace: comfy.model_patcher.ModelPatcher | None = field(default=None, init=False, repr=False)
@@ -117,8 +149,9 @@ class FinetunedPair:
     @property
     def takes_row_omegas(self) -> bool:
         """True when every change sits on a layer kind, so that rows of one batch can each have their own omega
-        (PG Sweep's batched combinations); inline parameters take one omega per forward."""
-        return all(p.kind is not None and not p.reason for p in self.placements.values())
+        (PG Sweep's batched combinations); inline parameters and lazy deltas take one omega per forward."""
+        lazy = any(isinstance(d, LazyDelta) for ds in self.deltas.values() for d in ds)
+        return not lazy and all(p.kind is not None and not p.reason for p in self.placements.values())
 
     def delta_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for ds in self.deltas.values() for d in ds for t in d.tensors())
@@ -139,15 +172,18 @@ class FinetunedPair:
                 )
 
 
-
 def split_key(key: str) -> tuple[str, str]:
     layer, _, param = key.rpartition(".")
     return layer, param
 
 
-def effective(weight, convert, patches, key: str) -> torch.Tensor:
-    """One tensor as the model computes with it, in fp32 on the CPU: dequantized, converted, patched."""
-    weight = host.float_tensor(weight.detach()).to("cpu", torch.float32, copy=True)
+def effective(model: comfy.model_patcher.ModelPatcher, key: str, weight, convert, patches) -> torch.Tensor:
+    """One tensor as the model computes with it, in fp32 on the CPU: dequantized, converted, patched. A packed GGUF
+    tensor is read through its layer, as that layer computes with it (``host.gguf_weight``)."""
+    if host.is_gguf_packed(weight):
+        layer = model.model.get_submodule(split_key(key)[0])
+        return host.gguf_weight(layer, weight, patches, key, torch.float32, "cpu")
+    weight = host.plain(host.float_tensor(weight.detach())).to("cpu", torch.float32, copy=True)
     weight = convert(weight, inplace=True)
     return comfy.lora.calculate_weight(patches, weight, key) if patches else weight
 
@@ -182,11 +218,18 @@ def low_rank_candidate(placement: ChangedParameter, model: comfy.model_patcher.M
             and len(shape) >= 2 and getattr(model.model.get_submodule(placement.path), "groups", 1) == 1)
 
 
-
 def collect(model: comfy.model_patcher.ModelPatcher, dense: dict[str, torch.Tensor],
-             low_rank: dict[str, list[LayerDelta]]) -> dict[str, list[LayerDelta]]:
-    """Group per-tensor deltas by module, and check that each fits its module."""
+            low_rank: dict[str, list[LayerDelta]], lazy: set[str] = frozenset(),
+            base: comfy.model_patcher.ModelPatcher | None = None) -> dict[str, list[LayerDelta]]:
+    """Group per-tensor deltas by module, and check that each fits its module. ``lazy``: keys whose delta is read
+    from ``base`` and the fine-tuned model while sampling (``LazyDelta``)."""
     layers: dict[str, list[LayerDelta]] = {}
+    by_path: dict[str, list[str]] = {}
+    for key in sorted(lazy):
+        path, param = split_key(key)
+        by_path.setdefault(path, []).append(param)
+    for path, names in by_path.items():
+        layers.setdefault(path, []).append(LazyDelta(base, model, path, tuple(names)))
     for key, d in dense.items():
         path, param = split_key(key)
         group = layers.setdefault(path, [])
@@ -200,8 +243,22 @@ def collect(model: comfy.model_patcher.ModelPatcher, dense: dict[str, torch.Tens
     for path, deltas in layers.items():
         module = model.model.get_submodule(path)
         for d in deltas:
+            if isinstance(d, LazyDelta):
+                continue
             if isinstance(d, LowRankDelta) or all(place_parameter(model.model, f"{path}.{p}").placement == Placement.LAYER
                                                   for p in d.params):
                 check_layer(path, module, d)
     return layers
 
+
+def check_memory(kept: int, transient: int, what: str,
+                 advice: str = ", load both models in a narrower weight dtype, or use the low-rank option (a smaller "
+                 "rank)") -> None:
+    """Refuse, with the figures, a pair that would not fit in free system memory (ComfyUI's own reading)."""
+    free = comfy.model_management.get_free_memory(torch.device("cpu"))
+    if kept + transient > free:
+        raise GuidanceInputError(
+            f"Forming {what} needs up to {kept / GIB:.2f} GiB of system memory for the delta plus "
+            f"{transient / GIB:.2f} GiB while forming, and {free / GIB:.2f} GiB is free. Free memory (close other "
+            f"programs, unload other models){advice}."
+        )

@@ -62,7 +62,9 @@ def personalization_input(
                     max=10.0,
                     step=0.01,
                     tooltip="Strength s of the LoRA on the model (and CLIP): the fine-tuned model. The weak model "
-                    "uses omega * s. 0 turns the LoRA off, and with it personalization guidance (plain CFG).",
+                    "uses omega * s (LoRA, LoCon, LoHa, LoKr, DoRA, GLoRA, .diff). OFT and BOFT, which ComfyUI applies "
+                    "non-linearly in s, get the weight interpolation base + omega * (fine-tuned - base): for OFT "
+                    "the adapter at s * sqrt(omega). 0 leaves nothing to personalize and is refused.",
                 ),
             ],
             Personalization.FINETUNED: [

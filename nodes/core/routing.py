@@ -25,19 +25,54 @@ from . import host
 from .handlers import (
     Correction,
     Handler,
-    ReadWatch,
+    ReadBoth,
     RowMixing,
     Scratch,
     Swap,
     WeakWeights,
     WeightFunction,
 )
-from .pairs import FinetunedPair
+from .pairs import FinetunedPair, LazyDelta
 from .rows import RowLayoutChanged, RowState
 from .vocabulary import GuidanceConfig, Route, RowOmegasUnavailable
 from .weak_weights import WeakWorkspace, mostly_not_own, parameter_names, single_dense
 
 log = logging.getLogger(__name__)
+
+
+class ReadWatch:
+    """For one forward: which comfy.ops layers had their weights read through ``cast_bias_weight`` outside their own
+    call (a fused kernel that reads the weights and skips the layer), found with a pass-through ``weight_function``.
+    """
+
+    def __init__(self, layers: dict[str, torch.nn.Module]):
+        self.layers = {path: layer for path, layer in layers.items() if host.honours_weight_function(layer)}
+        # Layers that read their weights in their own call only (packed GGUF): not called means not used.
+        self.in_call_only = {path for path, layer in layers.items() if host.reads_weights_in_call_only(layer)}
+        self.inside: set[str] = set()
+        self.outside: set[str] = set()
+        self.saved: dict[str, dict] = {}
+        self.handles: list = []
+
+    def __enter__(self) -> ReadWatch:
+        for path, layer in self.layers.items():
+            def seen(weight, path=path):
+                if path not in self.inside:
+                    self.outside.add(path)
+                return weight
+            seen.pass_through = True
+            self.saved[path] = host.with_weight_functions(layer, {"weight": [seen]})
+            self.handles.append(layer.register_forward_pre_hook(lambda m, a, path=path: self.inside.add(path)))
+            self.handles.append(layer.register_forward_hook(lambda m, a, o, path=path: self.inside.discard(path),
+                                                            always_call=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for path, saved in self.saved.items():
+            host.restore_attributes(self.layers[path], saved)
+        for handle in self.handles:
+            handle.remove()
+
 
 
 class Reroute(Exception):
@@ -65,11 +100,14 @@ class Run:
         self.root: torch.nn.Module | None = None
         self.uncalled: set[str] = set()  # modules whose weights ComfyUI may read without calling them
         self.prefer_own = False  # the weak evaluation in a forward of its own even where rows would do (prepare)
+        self.patcher = None  # the MODEL being sampled (prepare)
 
     # Choosing handlers, once the model is loaded.
-    def prepare(self, root: torch.nn.Module, route: Route | None = None) -> None:
-        """Give each changed module its handler and decide the route (module docstring)."""
+    def prepare(self, root: torch.nn.Module, route: Route | None = None, patcher=None) -> None:
+        """Give each changed module its handler and decide the route (module docstring). ``patcher``: the MODEL
+        being sampled (it may carry more patches than the pair's fine-tuned MODEL)."""
         self.root = root
+        self.patcher = patcher or self.patcher
         pair = self.pair
         # A full fine-tune whose layers mostly do not compute with their own parameters (streamed by dynamic VRAM,
         # quantized, patched on the fly): ComfyUI's weight function in a forward of its own costs a pass over the
@@ -122,6 +160,17 @@ class Run:
         values through a weak forward of its own.
         """
         state = self.state
+        lazy = next((d for d in deltas if isinstance(d, LazyDelta)), None)
+        if lazy is not None:
+            if path in self.uncalled or "forward" in module.__dict__:
+                why = ("ComfyUI reads its weights without calling it" if path in self.uncalled else
+                       "something replaced its forward (a LoRA in bypass mode)")
+                raise GuidanceInputError(f"Personalization guidance cannot apply the weak model exactly to {path}: "
+                                         f"{why}, and the pair reads its weights from two models as the layer runs.")
+            keys = [f"{path}.{name}" for name in lazy.names]
+            same = self.patcher is None or all(self.patcher.patches.get(k, []) == lazy.finetuned.patches.get(k, [])
+                                               for k in keys)
+            return ReadBoth(path, module, state, lazy, same)
         dense = single_dense(deltas)
         uncalled = path in self.uncalled
         full = dense is not None and self.weak_weights and self.config.rows is None
@@ -132,11 +181,14 @@ class Run:
                                              for n, s in slots.items()):
                     slots = None  # the workspace landed elsewhere (a partial load): form just in time
                 return WeakWeights(path, module, state, dense, slots, self.scratch)
-            if full and self.prefer_own and host.casts_through_comfy(module):
+            if full and self.prefer_own and host.honours_weight_function(module):
                 return WeightFunction(path, module, state, dense)
             return Correction(path, module, state, deltas)
-        if dense is not None and layer and host.casts_through_comfy(module):
+        if dense is not None and layer and host.honours_weight_function(module):
             return WeightFunction(path, module, state, dense)
+        if host.reads_weights_in_call_only(module):
+            raise GuidanceInputError(f"Personalization guidance cannot apply the weak model exactly to {path}: its "
+                                     "GGUF weights cannot take this kind of change.")
         if dense is None:
             raise GuidanceInputError(f"Personalization guidance cannot apply LoRA factors to {path} without calling it.")
         return Swap(path, module, state, dict(dense.params))
@@ -192,14 +244,15 @@ class Run:
         """Every handler that relies on ComfyUI calling its module: called, or its weights not read at all."""
         missed = [h for h in self.handlers if h.relies_on_call and id(h) not in self.state.ran]
         fused = [h.path for h in missed if h.path in watch.outside]
-        unknown = [h.path for h in missed if h.path not in watch.layers and not isinstance(h, RowMixing)]
+        known = watch.layers.keys() | watch.in_call_only
+        unknown = [h.path for h in missed if h.path not in known and not isinstance(h, RowMixing)]
         if fused or unknown:
             paths = tuple(fused + unknown)
             how = ("ComfyUI reads their weights without calling them (a fused kernel)" if fused else
                    "ComfyUI did not call them, and may read their weights another way")
             raise Reroute(f"{len(paths)} changed layer(s) ({', '.join(paths[:3])}) were not called in the weak "
                            f"evaluation: {how}", paths)
-        unused = [h.path for h in missed if h.path in watch.layers]
+        unused = [h.path for h in missed if h.path in known]
         if unused:
             log.info("Personalization guidance: %d changed layer(s) take no part in this model's forward (first: "
                      "%s); their change has no effect on the fine-tuned or the weak model.", len(unused), unused[0])

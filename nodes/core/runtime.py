@@ -103,7 +103,7 @@ class _Runtime:
     # SAMPLER_SAMPLE: the model is loaded, no step has run.
     def sampler_sample(self, executor, guider, *args, **kwargs):
         if self.run is not None and self.run.route is None:
-            self.run.prepare(guider.model_patcher.model)
+            self.run.prepare(guider.model_patcher.model, patcher=guider.model_patcher)
         return executor(guider, *args, **kwargs)
 
     # APPLY_MODEL
@@ -235,7 +235,9 @@ def attach(model: comfy.model_patcher.ModelPatcher, config: GuidanceConfig) -> c
     # What the run needs loads with the model, in the same load_models_gpu call, within ComfyUI's memory budget:
     # the weak weights formed once where omega takes one value and there is room, else the delta.
     workspace = workspace_for(patched, pair) if weak_weights and config.weak.schedule.is_flat else None
-    patched.set_additional_models(WRAPPER_KEY, [pair.delta_patcher if workspace is None else workspace])
+    # A pair read from both models (GGUF) also needs the base loaded.
+    extra = [pair.delta_patcher if workspace is None else workspace]
+    patched.set_additional_models(WRAPPER_KEY, extra + ([pair.reads_base] if pair.reads_base is not None else []))
     runtime = _Runtime(config, weak_weights, None if workspace is None else workspace.model)
     for kind, function in ((comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, runtime.outer_sample),
                            (comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, runtime.sampler_sample),

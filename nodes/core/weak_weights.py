@@ -22,7 +22,7 @@ import torch
 
 from ...guidance import DenseDelta, LayerDelta, LowRankDelta, weak_parameter
 from . import host
-from .pairs import FinetunedPair
+from .pairs import FinetunedPair, LazyDelta
 
 
 class WeakWorkspace(torch.nn.Module):
@@ -73,10 +73,11 @@ def single_dense(deltas: list[LayerDelta]) -> DenseDelta | None:
     return deltas[0] if len(deltas) == 1 and isinstance(deltas[0], DenseDelta) and deltas[0].tensors() else None
 
 
-def parameter_names(deltas: list[LayerDelta]) -> list[str]:
+def parameter_names(deltas: list) -> list[str]:
     """The parameters a module's deltas change (LoRA factors change its weight)."""
     names = ["weight"] if any(isinstance(d, LowRankDelta) for d in deltas) else []
-    return list(dict.fromkeys(names + [n for d in deltas if isinstance(d, DenseDelta) for n in d.params]))
+    names += [n for d in deltas if isinstance(d, DenseDelta) for n in d.params]
+    return list(dict.fromkeys(names + [n for d in deltas if isinstance(d, LazyDelta) for n in d.names]))
 
 
 def plain_layer_delta(pair: FinetunedPair, path: str, deltas: list[LayerDelta]) -> DenseDelta | None:

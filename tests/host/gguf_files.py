@@ -198,6 +198,7 @@ def _self_check() -> None:
     import tempfile
 
     gen = np.random.default_rng(0)
+    torch.manual_seed(0)
     for kind in (Q.Q4_K, Q.Q5_K, Q.Q6_K):
         x = gen.standard_normal((64, 256)).astype(F32) * np.exp(gen.standard_normal((64, 1))).astype(F32)
         d, dmin, sc, m, q = quantize_k(x, kind)

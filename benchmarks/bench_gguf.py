@@ -1,0 +1,255 @@
+"""GGUF figures: a pair on GGUF models (loaded by the ComfyUI-GGUF custom nodes) against plain CFG on the same GGUF
+model, per sampling step, and forming a full pair of two GGUF files against loading them, on CPU.
+
+Random-weight UNets (SD1.5 size, 860M parameters, or the tests' tiny SD1.5-architecture UNet), quantized by the
+tests' GGUF writer (``tests/host/gguf_files.py``) in ComfyUI-GGUF's layout. ComfyUI-GGUF is loaded from the checkout
+named by ``COMFYUI_GGUF_PATH``; nothing is downloaded. Every phase runs in a fresh process of its own, and memory is
+the process's resident set (as in ``bench_real_size.py``).
+
+    COMFYUI_PATH=... COMFYUI_GGUF_PATH=... python benchmarks/bench_gguf.py form --arch sd15 --qtype Q4_K
+    COMFYUI_PATH=... COMFYUI_GGUF_PATH=... python benchmarks/bench_gguf.py sample --arch tiny --size 64 --steps 6
+
+``form`` prints the time and peak memory of loading the two GGUF files with "Unet Loader (GGUF)", then of forming
+the exact pair from them, with the bound of docs/design.md ("Memory and cost") for quantized models: the models as
+loaded plus one layer in the compute dtype (here three: both sides and the weak weights, in fp32). ``sample`` prints,
+per route, the median time per steady step and its ratio to CFG on the same GGUF fine-tuned model (side by side,
+interleaved), the first step's extra time, and the peak memory a run adds. A benchmark, not a test: it asserts
+nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import bench_guidance  # this folder: run as python benchmarks/bench_gguf.py
+import bench_real_size
+
+GIB = bench_real_size.GIB
+
+
+def _host(threads: int | None):
+    """ComfyUI on the CPU with this pack and ComfyUI-GGUF loaded; the GGUF loader node."""
+    pack = bench_real_size.load_host(threads, weights="fp32")
+    import nodes
+
+    asyncio.run(nodes.load_custom_node(os.environ["COMFYUI_GGUF_PATH"]))
+    return pack, nodes.NODE_CLASS_MAPPINGS["UnetLoaderGGUF"]
+
+
+def _arch(name: str):
+    """(model class, UNet config, context width): SD1.5 size, or the tests' tiny SD1.5-architecture UNet."""
+    if name == "tiny":
+        import tiny
+
+        return "SD15", tiny.SD15_UNET, 768
+    model_class, config, context, _ = bench_real_size.ARCHS[name]
+    return model_class, config, context
+
+
+def make_files(opts) -> dict[str, str]:
+    """The base and fine-tuned UNets as GGUF files of ``--qtype`` and a rank-16 LoRA, made once per folder."""
+    import comfy.utils
+    import gguf_files
+    import torch
+
+    folder = Path(opts.folder)
+    names = {"base": f"{opts.arch}_base_{opts.qtype}.gguf", "finetuned": f"{opts.arch}_finetuned_{opts.qtype}.gguf",
+             "lora": f"{opts.arch}_lora.safetensors"}
+    if all((folder / n).exists() for n in names.values()):
+        return names
+    if opts.arch == "tiny":
+        import tiny
+
+        base = tiny.unet_state_dict(tiny.SD15_UNET, seed=1)
+        sources = {"base": base, "finetuned": tiny.perturbed(base, seed=2, scale=0.05),
+                   "lora": tiny.lora_for(base, seed=3, rank=16)}
+    else:
+        made = bench_real_size.make_files(opts.arch, folder)
+        sources = {k: comfy.utils.load_torch_file(str(folder / made[k])) for k in ("base", "finetuned", "lora")}
+    comfy.utils.save_torch_file(sources["lora"], str(folder / names["lora"]))
+    for role in ("base", "finetuned"):
+        sd = {k: v.to(torch.float32) for k, v in sources[role].items()}
+        gguf_files.write_gguf(folder / names[role], sd, opts.qtype, "sd1")
+    return names
+
+
+def _load(loader, name: str):
+    return loader().load_unet(name)[0]
+
+
+def phase_load(opts) -> dict:
+    """Stock ComfyUI-GGUF: load the base and the fine-tuned GGUF file."""
+    _, loader = _host(opts.threads)
+    bench_real_size._folders(Path(opts.folder))
+    names = make_files(opts)
+    with bench_real_size.Peak() as peak:
+        models = [_load(loader, names[k]) for k in ("base", "finetuned")]
+        for model in models:  # ComfyUI-GGUF reads the file lazily: every tensor in memory, as after a first run
+            for p in model.model.diffusion_model.parameters():
+                p.as_subclass(type(p)).data.sum()
+    return {"seconds": peak.seconds, "peak": peak.peak, "end": peak.end, "start": peak.start}
+
+
+def phase_form(opts) -> dict:
+    """Load both files (as above), then form the exact pair from them."""
+    import torch
+
+    pack, loader = _host(opts.threads)
+    bench_real_size._folders(Path(opts.folder))
+    names = make_files(opts)
+    base, finetuned = (_load(loader, names[k]) for k in ("base", "finetuned"))
+    for model in (base, finetuned):
+        for p in model.model.diffusion_model.parameters():
+            p.as_subclass(torch.Tensor).sum()
+    host = pack.nodes.core.host
+    params = list(finetuned.model.diffusion_model.parameters())
+    largest = max(host.true_shape(p).numel() for p in params)
+    with bench_real_size.Peak() as peak:
+        pair = pack.nodes.core.full_pairs.pair_from_models(base, finetuned)
+    return {"params": sum(host.true_shape(p).numel() for p in params), "seconds": peak.seconds, "start": peak.start,
+            "peak": peak.peak, "delta": pair.delta_bytes(), "bound": peak.start + 3 * 4 * largest,
+            "reads_base": pair.reads_base is not None}
+
+
+def phase_sample(opts) -> dict:
+    """Per-step time of each route on the GGUF models, interleaved, and the peak memory one run of each adds."""
+    import comfy.samplers
+    import comfy.utils
+    import torch
+
+    pack, loader = _host(opts.threads)
+    log = bench_guidance.RouteLog(pack)
+    bench_real_size._folders(Path(opts.folder))
+    names = make_files(opts)
+    _, _, context = _arch(opts.arch)
+    base, full_ft = (_load(loader, names[k]) for k in ("base", "finetuned"))
+    lora = comfy.utils.load_torch_file(str(Path(opts.folder) / names["lora"]))
+    lora_pair, _ = pack.nodes.core.lora_pairs.load_lora_pair(base, None, lora, 1.0, names["lora"])
+    full_pair = pack.nodes.core.full_pairs.pair_from_models(base, full_ft)
+    gen = torch.Generator().manual_seed(4)
+    positive, null = ([[torch.randn(1, 77, context, generator=gen), {}]] for _ in range(2))
+
+    def cfg(model):
+        guider = comfy.samplers.CFGGuider(model)
+        guider.set_conds(positive, null)
+        guider.set_cfg(opts.lam)
+        return guider
+
+    def pg(pair, schedule):
+        start, end = (opts.omega, opts.omega) if schedule == "constant" else (0.0, 1.0)
+        weak = pack.nodes.weak_model.WeakModelInterpolator.execute(pair, schedule, start, end, 0.0, 1.0).args[0]
+        return pack.nodes.guider.PersonalizationGuider.execute(pair.finetuned, weak, positive, null, "two-way (paper)",
+                                                               opts.lam, 1.0).args[0]
+
+    routes = {
+        "CFG, GGUF base with the LoRA": lambda: cfg(lora_pair.finetuned),
+        "PG LoRA pair on the GGUF base, constant omega": lambda: pg(lora_pair, "constant"),
+        "PG LoRA pair on the GGUF base, linear omega": lambda: pg(lora_pair, "linear"),
+        "CFG, GGUF fine-tune": lambda: cfg(full_pair.finetuned),
+        "PG full pair of two GGUF files, constant omega": lambda: pg(full_pair, "constant"),
+        "PG full pair of two GGUF files, linear omega": lambda: pg(full_pair, "linear"),
+    }
+    latent = torch.zeros(1, 4, opts.size // 8, opts.size // 8)
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(5))
+    sigmas = comfy.samplers.calculate_sigmas(full_ft.get_model_object("model_sampling"), "normal", opts.steps)
+    sampler = comfy.samplers.sampler_object("euler")
+    steps, first, memory, taken = {n: [] for n in routes}, {n: [] for n in routes}, {}, {}
+    for repeat in range(opts.repeats + 1):  # the first round loads and warms up; not counted
+        for name, make in routes.items():
+            logged = len(log.routes)
+            guider = make()
+            stamps = [time.perf_counter()]
+            with torch.inference_mode(), bench_real_size.Peak() as peak:
+                guider.sample(noise, latent, sampler, sigmas, seed=0, disable_pbar=True,
+                              callback=lambda *a, stamps=stamps: stamps.append(time.perf_counter()))
+            if len(log.routes) > logged:
+                taken.setdefault(name, log.routes[logged])
+            if repeat:
+                steps[name].append(statistics.median(b - a for a, b in zip(stamps[1:], stamps[2:], strict=False)))
+                first[name].append(stamps[1] - stamps[0])
+                memory[name] = max(memory.get(name, 0), peak.peak - peak.start)
+    host = pack.nodes.core.host
+    return {"params": sum(host.true_shape(p).numel() for p in full_ft.model.diffusion_model.parameters()),
+            "threads": torch.get_num_threads(),
+            "routes": {n: {"step": statistics.median(steps[n]), "first": statistics.median(first[n]),
+                           "added": memory[n], "weak": taken.get(n, "")} for n in routes}}
+
+
+PHASES = {"load": phase_load, "form": phase_form, "sample": phase_sample}
+
+
+def _child(opts, phase: str) -> dict:
+    argv = [sys.executable, __file__, "--phase", phase, "--arch", opts.arch, "--qtype", opts.qtype, "--folder",
+            opts.folder, "--size", str(opts.size), "--steps", str(opts.steps), "--repeats", str(opts.repeats),
+            "--lam", str(opts.lam), "--omega", str(opts.omega)]
+    if opts.threads:
+        argv += ["--threads", str(opts.threads)]
+    out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def report_form(opts) -> None:
+    loads = [_child(opts, "load") for _ in range(2)]
+    load = min(loads, key=lambda r: r["seconds"])
+    form = _child(opts, "form")
+    print(f"{opts.arch}: {form['params'] / 1e6:.1f}M parameters, {opts.qtype} GGUF files, CPU")
+    times = " s, then ".join(f"{r['seconds']:.1f}" for r in loads)
+    print(f"load both files (Unet Loader (GGUF), every tensor read): {times} s; "
+          f"resident {load['end'] / GIB:.2f} GiB (peak {load['peak'] / GIB:.2f} GiB)")
+    within = "within" if form["peak"] <= form["bound"] else "OVER"
+    print(f"form the exact pair: {form['seconds']:.1f} s ({form['seconds'] / load['seconds']:.2f}x loading both); "
+          f"peak added {(form['peak'] - form['start']) / GIB:.3f} GiB; delta kept {form['delta'] / 2**20:.1f} MiB; "
+          f"reads the base while sampling: {form['reads_base']}; {within} the bound (models as loaded + three "
+          f"fp32 copies of the largest layer): peak {form['peak'] / GIB:.2f} GiB, bound {form['bound'] / GIB:.2f} GiB")
+
+
+def report_sample(opts) -> None:
+    result = _child(opts, "sample")
+    print(f"{opts.arch}: {result['params'] / 1e6:.1f}M parameters, {opts.qtype} GGUF, CPU, {result['threads']} torch "
+          f"threads, {opts.size}x{opts.size}, euler, {opts.steps} steps, lambda {opts.lam}, omega {opts.omega}; "
+          f"median of {opts.repeats} runs (steady steps), interleaved")
+    print()
+    print("| route | s / step | ratio to CFG | first step, extra over CFG's | peak added while sampling | weak evaluation |")
+    print("| --- | ---: | ---: | ---: | ---: | --- |")
+    routes = result["routes"]
+    for name, r in routes.items():
+        baseline = routes["CFG, GGUF base with the LoRA" if "LoRA" in name else "CFG, GGUF fine-tune"]
+        print(f"| {name} | {r['step']:.3f} | {r['step'] / baseline['step']:.2f}x | "
+              f"{r['first'] - baseline['first']:+.2f} s | {r['added'] / GIB:.3f} GiB | {r['weak'] or '–'} |")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", nargs="?", choices=("form", "sample"))
+    parser.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)
+    parser.add_argument("--arch", choices=("tiny", "sd15"), default="tiny")
+    parser.add_argument("--qtype", default="Q8_0", help="GGUF type of both files: F16, BF16, Q8_0, Q4_0, Q4_K, ...")
+    parser.add_argument("--folder", default=str(Path(tempfile.gettempdir()) / "pg_gguf"),
+                        help="where the random-weight files are made (once) and read")
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--lam", type=float, default=5.0)
+    parser.add_argument("--omega", type=float, default=0.5)
+    parser.add_argument("--threads", type=int, default=1)
+    opts = parser.parse_args(argv)
+    Path(opts.folder).mkdir(parents=True, exist_ok=True)
+    if opts.phase:
+        print(json.dumps(PHASES[opts.phase](opts)))
+    elif opts.command == "form":
+        report_form(opts)
+    else:
+        report_sample(opts)
+
+
+if __name__ == "__main__":
+    main()
