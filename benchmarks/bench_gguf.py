@@ -11,7 +11,8 @@ the process's resident set (as in ``bench_real_size.py``).
 
 ``form`` prints the time and peak memory of loading the two GGUF files with "Unet Loader (GGUF)", then of forming
 the exact pair from them, with the bound of docs/design.md ("Memory and cost") for quantized models: the models as
-loaded plus one layer in the compute dtype (here three: both sides and the weak weights, in fp32). ``sample`` prints,
+loaded plus one layer in the compute dtype (here the pack's own estimate: both sides of the largest layer in fp32,
+each dequantized through fp16). ``sample`` prints,
 per route, the median time per steady step and its ratio to CFG on the same GGUF fine-tuned model (side by side,
 interleaved), the first step's extra time, and the peak memory a run adds. A benchmark, not a test: it asserts
 nothing.
@@ -23,11 +24,9 @@ import argparse
 import asyncio
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import bench_guidance  # this folder: run as python benchmarks/bench_gguf.py
@@ -101,32 +100,32 @@ def phase_load(opts) -> dict:
 
 def phase_form(opts) -> dict:
     """Load both files (as above), then form the exact pair from them."""
+    pack, loader = _host(opts.threads)
     import torch
 
-    pack, loader = _host(opts.threads)
     bench_real_size._folders(Path(opts.folder))
     names = make_files(opts)
     base, finetuned = (_load(loader, names[k]) for k in ("base", "finetuned"))
     for model in (base, finetuned):
         for p in model.model.diffusion_model.parameters():
             p.as_subclass(torch.Tensor).sum()
-    host = pack.nodes.core.host
+    host, pairs = pack.nodes.core.host, pack.nodes.core.full_pairs
     params = list(finetuned.model.diffusion_model.parameters())
-    largest = max(host.true_shape(p).numel() for p in params)
+    kept, transient = pairs.plan_pair(base, finetuned).memory  # the estimate the refusal uses
     with bench_real_size.Peak() as peak:
-        pair = pack.nodes.core.full_pairs.pair_from_models(base, finetuned)
+        pair = pairs.pair_from_models(base, finetuned)
     return {"params": sum(host.true_shape(p).numel() for p in params), "seconds": peak.seconds, "start": peak.start,
-            "peak": peak.peak, "delta": pair.delta_bytes(), "bound": peak.start + 3 * 4 * largest,
+            "peak": peak.peak, "delta": pair.delta_bytes(), "bound": peak.start + kept + transient,
             "reads_base": pair.reads_base is not None}
 
 
 def phase_sample(opts) -> dict:
     """Per-step time of each route on the GGUF models, interleaved, and the peak memory one run of each adds."""
+    pack, loader = _host(opts.threads)
     import comfy.samplers
     import comfy.utils
     import torch
 
-    pack, loader = _host(opts.threads)
     log = bench_guidance.RouteLog(pack)
     bench_real_size._folders(Path(opts.folder))
     names = make_files(opts)
@@ -138,50 +137,13 @@ def phase_sample(opts) -> dict:
     gen = torch.Generator().manual_seed(4)
     positive, null = ([[torch.randn(1, 77, context, generator=gen), {}]] for _ in range(2))
 
-    def cfg(model):
-        guider = comfy.samplers.CFGGuider(model)
-        guider.set_conds(positive, null)
-        guider.set_cfg(opts.lam)
-        return guider
-
-    def pg(pair, schedule):
-        start, end = (opts.omega, opts.omega) if schedule == "constant" else (0.0, 1.0)
-        weak = pack.nodes.weak_model.WeakModelInterpolator.execute(pair, schedule, start, end, 0.0, 1.0).args[0]
-        return pack.nodes.guider.PersonalizationGuider.execute(pair.finetuned, weak, positive, null, "two-way (paper)",
-                                                               opts.lam, 1.0).args[0]
-
-    routes = {
-        "CFG, GGUF base with the LoRA": lambda: cfg(lora_pair.finetuned),
-        "PG LoRA pair on the GGUF base, constant omega": lambda: pg(lora_pair, "constant"),
-        "PG LoRA pair on the GGUF base, linear omega": lambda: pg(lora_pair, "linear"),
-        "CFG, GGUF fine-tune": lambda: cfg(full_pair.finetuned),
-        "PG full pair of two GGUF files, constant omega": lambda: pg(full_pair, "constant"),
-        "PG full pair of two GGUF files, linear omega": lambda: pg(full_pair, "linear"),
-    }
-    latent = torch.zeros(1, 4, opts.size // 8, opts.size // 8)
-    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(5))
-    sigmas = comfy.samplers.calculate_sigmas(full_ft.get_model_object("model_sampling"), "normal", opts.steps)
-    sampler = comfy.samplers.sampler_object("euler")
-    steps, first, memory, taken = {n: [] for n in routes}, {n: [] for n in routes}, {}, {}
-    for repeat in range(opts.repeats + 1):  # the first round loads and warms up; not counted
-        for name, make in routes.items():
-            logged = len(log.routes)
-            guider = make()
-            stamps = [time.perf_counter()]
-            with torch.inference_mode(), bench_real_size.Peak() as peak:
-                guider.sample(noise, latent, sampler, sigmas, seed=0, disable_pbar=True,
-                              callback=lambda *a, stamps=stamps: stamps.append(time.perf_counter()))
-            if len(log.routes) > logged:
-                taken.setdefault(name, log.routes[logged])
-            if repeat:
-                steps[name].append(statistics.median(b - a for a, b in zip(stamps[1:], stamps[2:], strict=False)))
-                first[name].append(stamps[1] - stamps[0])
-                memory[name] = max(memory.get(name, 0), peak.peak - peak.start)
+    routes = bench_real_size.pair_routes(pack, positive, null, opts, {
+        ("CFG, GGUF base with the LoRA", "PG LoRA pair on the GGUF base"): lora_pair,
+        ("CFG, GGUF fine-tune", "PG full pair of two GGUF files"): full_pair})
     host = pack.nodes.core.host
     return {"params": sum(host.true_shape(p).numel() for p in full_ft.model.diffusion_model.parameters()),
             "threads": torch.get_num_threads(),
-            "routes": {n: {"step": statistics.median(steps[n]), "first": statistics.median(first[n]),
-                           "added": memory[n], "weak": taken.get(n, "")} for n in routes}}
+            "routes": bench_real_size.time_interleaved(routes, full_ft, opts, log)}
 
 
 PHASES = {"load": phase_load, "form": phase_form, "sample": phase_sample}
@@ -208,8 +170,9 @@ def report_form(opts) -> None:
     within = "within" if form["peak"] <= form["bound"] else "OVER"
     print(f"form the exact pair: {form['seconds']:.1f} s ({form['seconds'] / load['seconds']:.2f}x loading both); "
           f"peak added {(form['peak'] - form['start']) / GIB:.3f} GiB; delta kept {form['delta'] / 2**20:.1f} MiB; "
-          f"reads the base while sampling: {form['reads_base']}; {within} the bound (models as loaded + three "
-          f"fp32 copies of the largest layer): peak {form['peak'] / GIB:.2f} GiB, bound {form['bound'] / GIB:.2f} GiB")
+          f"reads the base while sampling: {form['reads_base']}; {within} the estimate (models as loaded + the "
+          f"largest layer of both sides in fp32, each dequantized through fp16): peak {form['peak'] / GIB:.3f} GiB, "
+          f"bound {form['bound'] / GIB:.3f} GiB")
 
 
 def report_sample(opts) -> None:

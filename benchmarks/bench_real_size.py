@@ -193,13 +193,11 @@ def phase_form(opts) -> dict:
 def phase_sample(opts) -> dict:
     """Per-step time of each route, interleaved, and the peak memory one run of each adds."""
     pack = load_host(opts.threads, opts.weights)
-    import comfy.samplers
     import torch
 
     import nodes
 
     log = bench_guidance.RouteLog(pack)
-    taken: dict[str, str] = {}  # route name -> where the pack ran its first weak evaluation
 
     _folders(Path(opts.folder))
     names = make_files(opts.arch, Path(opts.folder))
@@ -219,6 +217,17 @@ def phase_sample(opts) -> dict:
 
     positive, null = cond(), cond()
 
+    routes = pair_routes(pack, positive, null, opts, {("CFG, LoRA model", "PG LoRA pair"): lora_pair,
+                                                      ("CFG, full fine-tune", "PG full pair"): full_pair})
+    return {"params": sum(p.numel() for p in full_ft.model.diffusion_model.parameters()),
+            "threads": torch.get_num_threads(), "routes": time_interleaved(routes, full_ft, opts, log)}
+
+
+def pair_routes(pack, positive, null, opts, pairs: dict) -> dict:
+    """Routes to time, per pair of ``pairs`` ({(CFG route's name, the pair's routes' name): pair}): CFG on its
+    fine-tuned model, then two-way guidance with omega constant (``--omega``) and linear from 0 to 1."""
+    import comfy.samplers
+
     def cfg(model):
         guider = comfy.samplers.CFGGuider(model)
         guider.set_conds(positive, null)
@@ -231,20 +240,27 @@ def phase_sample(opts) -> dict:
         return pack.nodes.guider.PersonalizationGuider.execute(pair.finetuned, weak, positive, null, "two-way (paper)",
                                                                opts.lam, 1.0).args[0]
 
-    routes = {
-        "CFG, LoRA model": lambda: cfg(lora_pair.finetuned),
-        "PG LoRA pair, constant omega": lambda: pg(lora_pair, "constant"),
-        "PG LoRA pair, linear omega": lambda: pg(lora_pair, "linear"),
-        "CFG, full fine-tune": lambda: cfg(full_pair.finetuned),
-        "PG full pair, constant omega": lambda: pg(full_pair, "constant"),
-        "PG full pair, linear omega": lambda: pg(full_pair, "linear"),
-    }
+    routes = {}
+    for (cfg_name, name), pair in pairs.items():
+        routes[cfg_name] = lambda pair=pair: cfg(pair.finetuned)
+        routes[f"{name}, constant omega"] = lambda pair=pair: pg(pair, "constant")
+        routes[f"{name}, linear omega"] = lambda pair=pair: pg(pair, "linear")
+    return routes
+
+
+def time_interleaved(routes: dict, model, opts, log) -> dict:
+    """Per route: the median time of a steady step over ``opts.repeats`` rounds (after a round that loads and warms
+    up, not counted), the first step's time, the most memory a run added, and where the pack ran its first weak
+    evaluation (its log). The routes take turns within each round, so that a busy machine slows them alike."""
+    import comfy.samplers
+    import torch
+
     latent = torch.zeros(1, 4, opts.size // 8, opts.size // 8)
     noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(5))
-    sigmas = comfy.samplers.calculate_sigmas(full_ft.get_model_object("model_sampling"), "normal", opts.steps)
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", opts.steps)
     sampler = comfy.samplers.sampler_object("euler")
-    steps, first, memory = {n: [] for n in routes}, {n: [] for n in routes}, {}
-    for repeat in range(opts.repeats + 1):  # the first round loads and warms up; not counted
+    steps, first, memory, taken = {n: [] for n in routes}, {n: [] for n in routes}, {}, {}
+    for repeat in range(opts.repeats + 1):
         for name, make in routes.items():
             logged = len(log.routes)
             guider = make()
@@ -258,9 +274,8 @@ def phase_sample(opts) -> dict:
                 steps[name].append(statistics.median(b - a for a, b in zip(stamps[1:], stamps[2:], strict=False)))
                 first[name].append(stamps[1] - stamps[0])
                 memory[name] = max(memory.get(name, 0), peak.peak - peak.start)
-    return {"params": sum(p.numel() for p in full_ft.model.diffusion_model.parameters()), "threads": torch.get_num_threads(),
-            "routes": {n: {"step": statistics.median(steps[n]), "first": statistics.median(first[n]),
-                           "added": memory[n], "weak": taken.get(n, "")} for n in routes}}
+    return {n: {"step": statistics.median(steps[n]), "first": statistics.median(first[n]), "added": memory[n],
+                "weak": taken.get(n, "")} for n in routes}
 
 
 PHASES = {"load": phase_load, "form": phase_form, "sample": phase_sample}

@@ -57,7 +57,8 @@ def memory_needed(shapes: dict[str, torch.Size], dtypes: dict[str, torch.dtype],
 
     The delta is counted as if every floating tensor changed (what a full fine-tune does). With the low-rank
     option a weight counts its factors at ``rank`` (or in full when uncapped), and its SVD's workspace. A lazy
-    delta keeps nothing; reading it takes both sides and the weak weights of one layer in fp32.
+    delta keeps nothing; reading it takes both sides of one layer in fp32, each dequantized through fp16 where it is
+    GGUF (sampling then forms the weak weights in place of the base's).
     """
     size = torch.empty((), dtype=stored).element_size()
     kept, transient = 0, 0
@@ -65,8 +66,8 @@ def memory_needed(shapes: dict[str, torch.Size], dtypes: dict[str, torch.dtype],
         if not dtypes[key].is_floating_point:
             continue
         n = math.prod(shape)
-        if key in lazy:
-            transient = max(transient, 4 * 3 * n)
+        if key in lazy:  # both sides read in fp32, each through an fp16 dequantization for GGUF
+            transient = max(transient, (4 + 2) * 2 * n)
         elif low_rank is not None and key in low_rankable:
             rows, cols = shape[0], n // shape[0]
             r = min(rows, cols) if low_rank.rank == 0 else min(low_rank.rank, rows, cols)
@@ -210,15 +211,23 @@ def _delta(base: comfy.model_patcher.ModelPatcher, finetuned: comfy.model_patche
 
 def _differs(base: comfy.model_patcher.ModelPatcher, finetuned: comfy.model_patcher.ModelPatcher, key: str,
              base_entry: list, ft_entry: list) -> bool:
-    """Whether a lazily read key differs between the models (one layer read at a time; identical packed bytes of
-    one type, with no patches on either side, dequantize identically and are not read)."""
-    (base_weight, _), *base_patches = base_entry
-    (ft_weight, _), *ft_patches = ft_entry
+    """Whether a lazily read key differs between the models, one layer read at a time (identical packed bytes of one
+    type, with no patches on either side, dequantize identically and are not read). Non-finite values are refused."""
+    (base_weight, base_convert), *base_patches = base_entry
+    (ft_weight, ft_convert), *ft_patches = ft_entry
     if (not base_patches and not ft_patches and host.is_gguf(base_weight) and host.is_gguf(ft_weight)
             and base_weight.tensor_type == ft_weight.tensor_type
             and torch.equal(host.plain(base_weight), host.plain(ft_weight))):
         return False
-    return _delta(base, finetuned, key, base_entry, ft_entry, torch.float32) is not None
+    with host.patch_problems() as problems:
+        ft_value = effective(finetuned, key, ft_weight, ft_convert, ft_patches)
+        if not bool(torch.isfinite(ft_value).all()):
+            raise GuidanceInputError(f"The fine-tuned model holds NaN or Inf in {key}.")
+        base_value = effective(base, key, base_weight, base_convert, base_patches)
+        if not bool(torch.isfinite(base_value).all()):
+            raise GuidanceInputError(f"The base model holds NaN or Inf in {key}.")
+    _refuse_patch_problems(key, problems)
+    return not torch.equal(base_value, ft_value)
 
 
 def _refuse_patch_problems(key: str, problems: list[str]) -> None:

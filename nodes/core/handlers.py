@@ -119,20 +119,12 @@ class Scratch:
         self.buffers.clear()
 
 
-class WeakWeights(Handler):
-    """The layer's own forward, run on the fine-tuned rows as they are and on the weak rows with weak parameters.
-
-    ``slots``: the workspace's tensors for this layer (formed once per omega), or None to form them just in
-    time in ``scratch``, in the dtype the layer computes in (a layer that casts its weights to the input's dtype
-    gets them in that dtype: exact, and nothing to cast).
-    """
+class SplitRows(Handler):
+    """A layer whose weak rows run with parameters of their own: in a forward with weak rows, the layer's own forward
+    runs once per consecutive chunk of rows, with ``row_parameters``' fine-tuned set or weak set in place of its own
+    parameters (restored after each call, and in ``finally``)."""
 
     per_row_omega = False
-
-    def __init__(self, path, module, state, delta: DenseDelta, slots: dict[str, torch.Tensor] | None, scratch: Scratch):
-        super().__init__(path, module, state)
-        self.delta, self.slots, self.scratch = delta, slots, scratch
-        self.names = list(delta.params)
 
     def install(self) -> None:
         own = type(self.module).forward.__get__(self.module)
@@ -144,24 +136,44 @@ class WeakWeights(Handler):
             rows = self.state.weak_rows(self, x.shape[0])
             if isinstance(self.state.coefficient, torch.Tensor):
                 raise GuidanceInputError(f"Personalization guidance: {self.path} cannot take one omega per row.")
-            weak = segments(chunks(rows, x.shape[0]), x.shape[0])
+            finetuned, weak = self.row_parameters(x)
+            saved = dict(params)
             outs = []
-            for chunk, is_weak in weak:
-                if not is_weak:
+            try:
+                for chunk, is_weak in segments(chunks(rows, x.shape[0]), x.shape[0]):
+                    params.update(weak if is_weak else finetuned)
                     outs.append(own(x[chunk], *args, **kwargs))
-                    continue
-                saved = {name: params[name] for name in self.names}
-                params.update(self.weak_parameters(x))
-                try:
-                    outs.append(own(x[chunk], *args, **kwargs))
-                finally:
                     params.update(saved)
+            finally:
+                params.update(saved)
             return outs[0] if len(outs) == 1 else torch.cat(outs)
 
         self.module.forward = forward
 
     def remove(self) -> None:
         self.module.__dict__.pop("forward", None)
+
+    def row_parameters(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(the parameters the fine-tuned rows run with, those the weak rows run with): names to tensors; a name
+        missing from the first keeps the layer's own."""
+        raise NotImplementedError
+
+
+class WeakWeights(SplitRows):
+    """The layer's own forward, run on the fine-tuned rows as they are and on the weak rows with weak parameters.
+
+    ``slots``: the workspace's tensors for this layer (formed once per omega), or None to form them just in
+    time in ``scratch``, in the dtype the layer computes in (a layer that casts its weights to the input's dtype
+    gets them in that dtype: exact, and nothing to cast).
+    """
+
+    def __init__(self, path, module, state, delta: DenseDelta, slots: dict[str, torch.Tensor] | None, scratch: Scratch):
+        super().__init__(path, module, state)
+        self.delta, self.slots, self.scratch = delta, slots, scratch
+        self.names = list(delta.params)
+
+    def row_parameters(self, x):
+        return {}, self.weak_parameters(x)
 
     @torch.no_grad()
     def weak_parameters(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -180,45 +192,20 @@ class WeakWeights(Handler):
         return out
 
 
-class ReadBoth(Handler):
+class ReadBoth(SplitRows):
     """A layer whose delta is read from both models as it runs (``pairs.LazyDelta``: GGUF weights, whose dense delta
     would outweigh the quantized files). Each forward with weak rows takes the weights the loaded layer computes with
     (a GGUF layer dequantizes and patches them, as it would itself), forms the weak ones from them and the base's, one
     layer at a time, and runs its fine-tuned rows with the first and its weak rows with the second, as plain tensors
     in place of its own (so a GGUF layer takes comfy.ops' ordinary path for them)."""
 
-    per_row_omega = False
-
     def __init__(self, path, module, state, delta, same_patches: bool):
         super().__init__(path, module, state)
         self.delta = delta
         self.same_patches = same_patches  # the sampled MODEL has the pair's patches here, nothing on top
 
-    def install(self) -> None:
-        own = type(self.module).forward.__get__(self.module)
-        params = self.module._parameters
-
-        def forward(x, *args, **kwargs):
-            if self.state.inactive:
-                return own(x, *args, **kwargs)
-            rows = self.state.weak_rows(self, x.shape[0])
-            if isinstance(self.state.coefficient, torch.Tensor):
-                raise GuidanceInputError(f"Personalization guidance: {self.path} cannot take one omega per row.")
-            finetuned, weak = self.weights(x)
-            saved = dict(params)
-            try:
-                outs = []
-                for chunk, is_weak in segments(chunks(rows, x.shape[0]), x.shape[0]):
-                    params.update(weak if is_weak else finetuned)
-                    outs.append(own(x[chunk], *args, **kwargs))
-            finally:
-                params.update(saved)
-            return outs[0] if len(outs) == 1 else torch.cat(outs)
-
-        self.module.forward = forward
-
-    def remove(self) -> None:
-        self.module.__dict__.pop("forward", None)
+    def row_parameters(self, x):
+        return self.weights(x)
 
     @torch.no_grad()
     def weights(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -239,8 +226,12 @@ class ReadBoth(Handler):
                     "models needs. Free memory so that the models load fully, or use the low-rank option.")
             finetuned[name] = weak[name] = value
             if name in self.delta.names:
-                pair = value if self.same_patches else self.delta.finetuned_value(name, dtype, x.device)
-                weak[name] = self.delta.base_value(name, dtype, x.device).sub_(pair).mul_(-c).add_(value)
+                base = self.delta.base_value(name, dtype, x.device)
+                if self.same_patches:  # W_ft + c (W_ft - W_pre), in one pass over the base's fresh copy
+                    weak[name] = base.lerp_(value, 1.0 + c)
+                else:  # W + c (W_ft - W_pre): W carries what a MODEL made from the pair adds on top
+                    pair = self.delta.finetuned_value(name, dtype, x.device)
+                    weak[name] = base.sub_(pair).mul_(-c).add_(value)
         return finetuned, weak
 
 
@@ -380,6 +371,7 @@ __all__ = [
     "Correction",
     "Handler",
     "ReadBoth",
+    "SplitRows",
     "RowMixing",
     "Scratch",
     "Swap",

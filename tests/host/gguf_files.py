@@ -44,12 +44,13 @@ def write_gguf(path, state_dict: dict[str, torch.Tensor], qtype: str = "Q8_0", a
     for key, tensor in state_dict.items():
         key = key.removeprefix(PREFIX)
         data = tensor.detach().cpu().to(torch.float32).numpy()
-        if not 1 <= data.ndim <= 4:
-            raise ValueError(f"{key}: {data.ndim}-D tensors need convert.py's manual fix")
-        kind = target
-        if data.ndim == 1 or data.size <= SMALL or any(s in key for s in HIGH_PRECISION.get(arch, ())):
+        kind, five_d = target, data.ndim > 4
+        if five_d:  # Wan's Conv3d patch embedding: F32 in its original shape, as fix_5d_tensors.py adds it
+            writer.add_array(f"comfy.gguf.orig_shape.{key}", [int(n) for n in data.shape])
+            data = data.reshape(data.shape[0], -1)
+        if five_d or data.ndim == 1 or data.size <= SMALL or any(s in key for s in HIGH_PRECISION.get(arch, ())):
             kind = Q.F32
-        if (shape_fix and data.ndim > 1 and data.size >= RESHAPE_MIN and data.size % 256 == 0
+        if (shape_fix and not five_d and data.ndim > 1 and data.size >= RESHAPE_MIN and data.size % 256 == 0
                 and data.shape[-1] % 256):
             writer.add_array(f"comfy.gguf.orig_shape.{key}", [int(n) for n in data.shape])
             data = data.reshape(-1, 256)

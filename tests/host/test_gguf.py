@@ -79,12 +79,17 @@ def _fp32_unet(name: str):
     return comfy_nodes.UNETLoader().load_unet(name, "default")[0]
 
 
-def _sample(setup, pair, omega=OMEGA, conds=None, latent=None, ksampler=False, route=None):
+def _sample(setup, pair, omega=OMEGA, conds=None, latent=None, ksampler=False, route=None, on_top=None):
     """Two-way guidance with omega rising from ``omega`` to 1: the Personalization Guider, the KSampler patch, or
-    (``route``) the runtime told where the weak evaluation runs."""
+    (``route``) the runtime told where the weak evaluation runs; ``on_top``: a LoRA file put on the pair's fine-tuned
+    MODEL first (a MODEL made from it)."""
+    import nodes as comfy_nodes
+
     nodes = setup["nodes"]
     conds = conds or setup["conds"]
     model = pair.finetuned
+    if on_top is not None:
+        model = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(model, on_top, 0.5)[0]
     weak = nodes.weak_model.WeakModelInterpolator.execute(pair, "linear", omega, 1.0, 0.0, 1.0).args[0]
     latent = torch.zeros(1, 4, 8, 8) if latent is None else latent
     noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(3))
@@ -138,12 +143,14 @@ def test_a_mixed_pair_of_gguf_and_safetensors_is_exact(setup, gguf_side):
     _exact(setup, pair, _pair(setup, _fp32_unet(files["base"][1]), _fp32_unet(files["finetuned"][1])))
 
 
-def test_gguf_pairs_through_the_ksampler_patch_and_a_forward_of_its_own(setup):
+def test_gguf_pairs_through_the_ksampler_patch_a_forward_of_its_own_and_a_lora_on_top(setup):
     files = {role: _sd15_files(setup, role, "Q8_0") for role in ("base", "finetuned")}
     pair = _pair(setup, _gguf_unet(setup, files["base"][0]), _gguf_unet(setup, files["finetuned"][0]))
     theirs = _pair(setup, _fp32_unet(files["base"][1]), _fp32_unet(files["finetuned"][1]))
     _exact(setup, pair, theirs, ksampler=True)
     _exact(setup, pair, theirs, route=setup["nodes"].core.vocabulary.Route.OWN_FORWARD)
+    # A MODEL made from the pair's, with a style LoRA on top: its weak model is that MODEL plus (omega - 1) delta.
+    _exact(setup, pair, theirs, on_top=setup["tiny_files"]["lora"])
 
 
 def test_the_advanced_loaders_dequantization_dtype_is_followed(setup):
@@ -202,7 +209,7 @@ def test_a_gguf_pair_that_cannot_fit_is_refused_with_figures(setup, monkeypatch)
     plan = setup["nodes"].core.full_pairs.plan_pair(base, finetuned)
     kept, transient = plan.memory
     largest = max(setup["nodes"].core.host.true_shape(p).numel() for p in finetuned.model.diffusion_model.parameters())
-    assert transient >= 3 * 4 * largest  # both sides and the weak weights of the largest layer, in fp32
+    assert transient >= 3 * 4 * largest  # both sides of the largest layer in fp32, and more
     monkeypatch.setattr(comfy.model_management, "get_free_memory", lambda *a, **k: kept + transient - 1)
     with pytest.raises(setup["guidance"].GuidanceInputError, match=r"needs up to .* GiB is free"):
         _pair(setup, base, finetuned)
