@@ -46,7 +46,15 @@ from .layers import (
     place_parameter,
 )
 from .presets import Preset, PresetEstimate, check_preset_name, parse_preset, preset_from_dict
-from .schedule import OmegaSchedule, OmegaShape, check_unit_interval, omega_at, omega_at_sigma, progress_of_sigma
+from .schedule import (
+    OmegaSchedule,
+    OmegaShape,
+    check_unit_interval,
+    in_interval,
+    omega_at,
+    omega_at_sigma,
+    progress_of_sigma,
+)
 from .steps import StepGuidance, guidance_per_step
 from .sweep import parse_values, sweep_combinations
 
@@ -82,6 +90,7 @@ __all__ = [
     "combine",
     "estimate_weights",
     "guidance_per_step",
+    "in_interval",
     "layer_kind",
     "layer_response",
     "low_rank_factors",

@@ -16,6 +16,9 @@ changed module has a handler, chosen by ``routing.py``:
   or streams; weak forwards of their own only): ComfyUI's own ``weight_function``
   adds (omega - 1) * delta to the weight it delivers.
 
+With omega per block each handler scales the run's coefficient (omega - 1) by its module's block
+factor (``Handler.factor``; docs/design.md, "Omega per block").
+
 After the first forward with weak rows it checks that every
 handler that relies on its module being called was called, or that ComfyUI did not
 read the module's weights some other way (``ReadWatch``).
@@ -49,6 +52,9 @@ class Handler:
     relies_on_call = True  # works only when ComfyUI calls the module (checked after each weak forward)
     row_capable = True  # can give chunks of rows their weights (else: weak forwards of their own only)
     per_row_omega = True  # can give each weak row its own omega (PG Sweep's batched rows)
+    # The module's block factor f (omega per block): its coefficient is f (omega - 1). Set by routing.py where it is
+    # not 1; at 1 the coefficient is the run's, untouched (docs/design.md, "Omega per block").
+    factor = 1.0
 
     def __init__(self, path: str, module: torch.nn.Module, state: RowState):
         self.path, self.module, self.state = path, module, state
@@ -61,6 +67,10 @@ class Handler:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
+
+    def scaled(self, coefficient):
+        """The module's coefficient f (omega - 1) for the run's ``coefficient`` (one value, or one per row)."""
+        return coefficient if self.factor == 1.0 else coefficient * self.factor
 
     def begin_forward(self) -> None:
         """A forward with weak rows starts (``state.rows`` is set)."""
@@ -94,7 +104,7 @@ class Correction(Handler):
         if out.requires_grad:
             out = out.clone()
         for chunk in chunks(rows, x.shape[0]):
-            coefficient = self.state.coefficient_for(chunk.stop - chunk.start)
+            coefficient = self.scaled(self.state.coefficient_for(chunk.stop - chunk.start))
             for correction in self.prepared:
                 correction.add(x, out, chunk, coefficient)
         return out
@@ -173,7 +183,7 @@ class WeakWeights(Handler):
         for name in self.names:
             param = params[name]
             slot = buffer[at:at + param.numel()].view(param.shape)
-            out[name] = weak_parameter(param, self.delta.params[name], self.state.coefficient, out=slot)
+            out[name] = weak_parameter(param, self.delta.params[name], self.scaled(self.state.coefficient), out=slot)
             at += param.numel()
         return out
 
@@ -216,7 +226,7 @@ class Swap(Handler):
         tensors = {**module._parameters, **module._buffers}
         self.saved = {name: tensors[name] for name in self.deltas}
         for name, delta in self.deltas.items():
-            _set(module, name, weak_parameter(tensors[name], delta, self.state.coefficient))
+            _set(module, name, weak_parameter(tensors[name], delta, self.scaled(self.state.coefficient)))
         self.state.mark_ran(self)
 
     def deactivate(self) -> None:
@@ -291,7 +301,7 @@ class WeightFunction(Handler):
         if self.state.rows is not ALL:
             raise GuidanceInputError(f"Personalization guidance: {self.path} can only be guided in a weak forward of "
                                      "its own.")
-        coefficient = self.state.coefficient
+        coefficient = self.scaled(self.state.coefficient)
 
         def add(delta):
             def function(weight):
