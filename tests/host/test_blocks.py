@@ -5,7 +5,7 @@ theta_pre + omega_b delta with omega_b = 1 - f (1 - omega) and f written out her
 tensor's name (not from the pack's presets). SD1.5 with the UNet preset, Flux.2 with the
 double / single stream preset, Wan 2.1 with the depth preset (three blocks, one per
 third); LoRA and full pairs, guider and KSampler, constant and linear omega. A control
-with one factor moved by 0.2 must miss. Per-block off, and factors of 1 everywhere, are
+with one factor moved by 0.2 must miss by at least ten times the tolerance. Per-block off, and factors of 1 everywhere, are
 bit-identical to the pack without per-block.
 """
 
@@ -223,24 +223,38 @@ def test_workspace_is_formed_with_each_layers_factor_and_again_when_factors_chan
     assert torch.equal(sample_sd15(sd15, pair, "constant", "guider", first), ours)
 
 
-def test_weight_functions_in_a_forward_of_their_own_take_the_factors(sd15, caplog):
-    """ComfyUI's weight functions (dynamic VRAM's route, forced on the CPU by a partial load and the route)."""
+def test_weight_functions_in_a_forward_of_their_own_take_the_factors(sd15, tiny_files, caplog):
+    """ComfyUI's weight functions (dynamic VRAM's route, forced on the CPU as test_weight_holding.py forces it: the
+    route, a partial load, and a style LoRA that the offloaded layers apply on the fly)."""
+    import nodes as comfy_nodes
+
     nodes, guidance = sd15["nodes"], sd15["guidance"]
     pair = sd15["pairs"]["full"][0]
+    styled = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(pair.finetuned, tiny_files["lora"], 0.5)[0]
     vocabulary, runtime = nodes.core.vocabulary, nodes.core.runtime
-    blocks = guidance.BlockSpec(guidance.BlockPreset.UNET, SD15_FACTORS)
-    weak = vocabulary.WeakModel(pair, guidance.OmegaSchedule.constant(0.3), blocks)
+    weak = vocabulary.WeakModel(pair, guidance.OmegaSchedule.constant(0.3),
+                                guidance.BlockSpec(guidance.BlockPreset.UNET, SD15_FACTORS))
     config = vocabulary.GuidanceConfig(weak=weak, route=vocabulary.Route.OWN_FORWARD)
     caplog.set_level(logging.INFO)
-    with tiny.partial_load(pair.finetuned.model):
-        guider = comfy.samplers.CFGGuider(runtime.attach(pair.finetuned, config))
+    with tiny.partial_load(styled.model):
+        guider = comfy.samplers.CFGGuider(runtime.attach(styled, config))
         guider.set_conds(_cond(sd15["conds"]["c"]), _cond(sd15["conds"]["null"]))
         guider.set_cfg(LAMBDA)
-        noise, latent, sigmas = _sd15_inputs(pair.finetuned)
+        noise, latent, sigmas = _sd15_inputs(styled)
         with torch.inference_mode():
             ours = guider.sample(noise, latent, comfy.samplers.sampler_object("euler"), sigmas, seed=0)
     assert "WeightFunction x" in caplog.text
-    reference.close(ours, hand_sd15(sd15, "full", "constant", SD15_FACTORS))
+    lora = comfy.utils.load_torch_file(folder_paths.get_full_path_or_raise("loras", tiny_files["lora"]))
+    base, ft = tiny_files["unet"]["base"], tiny_files["unet"]["finetuned"]
+    weights = reference.per_block(lambda o: reference.lora_weights(reference.interpolate(base, ft, o), lora, 0.5),
+                                  unet_factor(SD15_FACTORS))
+    conds = {**sd15["conds"], "n": None}
+    hand = reference.HandGuider(comfy.supported_models.SD15, tiny.SD15_UNET, reference.lora_weights(ft, lora, 0.5),
+                                weights, lambda p: 0.3, conds, LAMBDA)
+    noise, latent, sigmas = _sd15_inputs(hand.model_patcher)
+    with torch.inference_mode():
+        expected = hand.sample(noise, latent, comfy.samplers.sampler_object("euler"), sigmas, seed=0)
+    reference.close(ours, expected)
 
 
 def test_a_preset_that_fits_no_changed_layer_is_refused_at_the_weak_model(sd15):
@@ -412,4 +426,5 @@ def test_dit_presets_match_weights_materialized_per_block(dit, pair_kind, schedu
     assert torch.isfinite(ours).all()
     reference.close(ours, hand_dit(dit, pair_kind, schedule_obj, estimate, dit["factors"]))
     moved = tuple(f - 0.2 if i == 0 else f for i, f in enumerate(dit["factors"]))
-    assert reference.relative_error(ours, hand_dit(dit, pair_kind, schedule_obj, estimate, moved)) > 100 * reference.REL_TOL
+    # A full fine-tune of these tiny models moves the output less than a LoRA does: 30 to 45 times the tolerance.
+    assert reference.relative_error(ours, hand_dit(dit, pair_kind, schedule_obj, estimate, moved)) > 10 * reference.REL_TOL
