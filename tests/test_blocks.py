@@ -179,3 +179,39 @@ def test_top_level_blocks_lists_stacks_first_with_their_index_ranges():
         "input_blocks (0-11), middle_block, out, time_embed"
     text = top_level_blocks(WAN)
     assert text.startswith("blocks (0-29)") and "head" in text and "patch_embedding" in text
+
+
+def test_sweep_block_settings_lines():
+    from guidance import GuidanceInputError as Error
+    from guidance.sweep import parse_block_settings, sweep_combinations
+
+    settings = parse_block_settings("off\nunet: 1, 0.5, 0\n# a comment\n\ndouble_blocks = 0.5; single_blocks = 1\n")
+    assert [s.preset for s in settings] == [BlockPreset.OFF, BlockPreset.UNET, BlockPreset.FREE]
+    with pytest.raises(Error, match=r"setting 2 \('unet: 1, 2, 0'\)"):
+        parse_block_settings("off\nunet: 1, 2, 0")
+    with pytest.raises(Error, match="twice"):
+        parse_block_settings("unet: 1, 0.5, 0\nUNet: 1, 0.5, 0")
+    with pytest.raises(Error, match="at most 8"):
+        parse_block_settings("\n".join(f"depth: {i / 10}, 1, 1" for i in range(9)))
+    with pytest.raises(Error, match="x 3 per-block settings = 72 images"):
+        sweep_combinations((0.2, 0.5, 0.8), (1, 2, 3, 4, 5, 6, 7, 8), 1, 3)
+
+
+def test_the_per_block_example_workflow():
+    from test_example_workflows import by_type, example, origin_of, widgets
+
+    workflow = example("LoRA pair, omega per block")
+    (weak,) = by_type(workflow, "PG_WeakModelInterpolator")
+    values = widgets(weak)
+    assert values["per_block"] == BlockPreset.UNET.value
+    spec = BlockSpec(BlockPreset.UNET, tuple(values[f"per_block.{n}"] for n in ("input_blocks", "middle_block",
+                                                                                 "output_blocks")))
+    assert not spec.is_off and set(spec.factors) != {1.0}
+    (guider,) = by_type(workflow, "PG_PersonalizationGuider")
+    assert origin_of(workflow, guider, "weak_model") is weak
+    # Every other example leaves per_block off (the first option: existing workflows sample as before).
+    from test_example_workflows import WORKFLOWS, load
+    for path in WORKFLOWS:
+        if path.stem != "LoRA pair, omega per block (UNet)":
+            for node in by_type(load(path), "PG_WeakModelInterpolator"):
+                assert widgets(node)["per_block"] == "off", path.stem
