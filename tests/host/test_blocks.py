@@ -56,8 +56,9 @@ def sd15(comfy_host, tiny_files):
     lora_sd = comfy.utils.load_torch_file(folder_paths.get_full_path_or_raise("loras", tiny_files["lora"]))
     base, finetuned = tiny_files["unet"]["base"], tiny_files["unet"]["finetuned"]
     load = nodes.load_pair.LoadFinetunedPair.execute
+    lora_pair, _model, _clip, vae = load(tiny_files["base"], "LoRA", tiny_files["lora"], LORA_STRENGTH, "none").args
     pairs = {
-        "lora": (load(tiny_files["base"], "LoRA", tiny_files["lora"], LORA_STRENGTH, "none").args[0],
+        "lora": (lora_pair,
                  reference.lora_weights(base, lora_sd, LORA_STRENGTH),
                  lambda omega: reference.lora_weights(base, lora_sd, omega * LORA_STRENGTH)),
         "full": (load(tiny_files["base"], "fine-tuned checkpoint", "none", 1.0, tiny_files["finetuned"]).args[0],
@@ -65,7 +66,7 @@ def sd15(comfy_host, tiny_files):
     }
     gen = torch.Generator().manual_seed(17)
     conds = {name: (torch.randn(1, 77, 768, generator=gen), None) for name in ("c", "null", "n")}
-    return {"nodes": nodes, "pairs": pairs, "conds": conds, "guidance": comfy_host.guidance}
+    return {"nodes": nodes, "pairs": pairs, "conds": conds, "guidance": comfy_host.guidance, "vae": vae}
 
 
 def unet_factor(factors: tuple[float, float, float]):
@@ -266,6 +267,58 @@ def test_a_preset_that_fits_no_changed_layer_is_refused_at_the_weak_model(sd15):
     with pytest.raises(guidance.GuidanceInputError, match=r"line 2 \('input_blocks 0.5'\)"):
         nodes.weak_model.WeakModelInterpolator.execute(sd15["pairs"]["lora"][0], **SCHEDULES["constant"],
                                                        per_block=per_block("free form", factors="* = 1\ninput_blocks 0.5"))
+
+
+# ---------------------------------------------------------------------------------- sweep and schedule preview
+
+
+def test_sweep_of_block_settings_equals_the_guider_with_each_setting(sd15):
+    """Each line of block_settings samples every omega and lambda; rows of one batch (euler) share a setting and
+    each has its own omega, scaled per layer by the factors: the images equal the guider sampled separately."""
+    from comfy_extras.nodes_custom_sampler import Noise_RandomNoise, SamplerCustomAdvanced
+
+    import nodes as comfy_nodes
+
+    nodes, pair, conds = sd15["nodes"], sd15["pairs"]["lora"][0], sd15["conds"]
+    sampler = comfy.samplers.sampler_object("euler")
+    sigmas = comfy.samplers.calculate_sigmas(pair.finetuned.get_model_object("model_sampling"), "normal", 2)
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    weak = nodes.weak_model.WeakModelInterpolator.execute(pair, **SCHEDULES["constant"]).args[0]
+    with torch.inference_mode():
+        _grid, images, labels = nodes.tuning.sweep.Sweep.execute(
+            pair.finetuned, weak, _cond(conds["c"]), _cond(conds["null"]), Noise_RandomNoise(4), sampler, sigmas, latent,
+            sd15["vae"], "two-way (paper)", "0.3, 1", "5", block_settings="unet: 0.5, 0, 1\noff").args
+    assert labels.splitlines() == [
+        "omega 0.3, lambda 5, per-block input_blocks 0.5, middle_block 0, output_blocks 1",
+        "omega 1, lambda 5, per-block input_blocks 0.5, middle_block 0, output_blocks 1",
+        "omega 0.3, lambda 5, per-block off", "omega 1, lambda 5, per-block off"]
+    settings = [per_block(UNET, input_blocks=0.5, middle_block=0.0, output_blocks=1.0), "off"]
+    for index, (blocks, omega) in enumerate((b, o) for b in settings for o in (0.3, 1.0)):
+        weak = nodes.weak_model.WeakModelInterpolator.execute(pair, "constant", omega, omega, 0.0, 1.0, blocks).args[0]
+        with torch.inference_mode():
+            guider = nodes.guider.PersonalizationGuider.execute(pair.finetuned, weak, _cond(conds["c"]),
+                                                                _cond(conds["null"]), "two-way (paper)", 5.0).args[0]
+            samples = SamplerCustomAdvanced.execute(Noise_RandomNoise(4), guider, sampler, sigmas, latent).args[0]
+            expected = comfy_nodes.VAEDecode().decode(sd15["vae"], samples)[0]
+        torch.testing.assert_close(images[index : index + 1], expected, rtol=0, atol=1e-4)
+    assert (images[0] - images[2]).abs().max() > 0.01  # the per-block setting changes the picture
+
+
+def test_schedule_preview_shows_each_blocks_omega(sd15):
+    nodes, pair = sd15["nodes"], sd15["pairs"]["lora"][0]
+    weak = nodes.weak_model.WeakModelInterpolator.execute(
+        pair, **SCHEDULES["linear"], per_block=per_block(UNET, input_blocks=0.5, middle_block=0.0, output_blocks=1.0)
+    ).args[0]
+    sigmas = comfy.samplers.calculate_sigmas(pair.finetuned.get_model_object("model_sampling"), "normal", 6)
+    plot, table = nodes.tuning.schedule_preview.SchedulePreview.execute(pair.finetuned, weak, sigmas, "two-way (paper)",
+                                                                        5.0).args
+    lines = table.splitlines()
+    assert lines[0].endswith(",omega[input_blocks],omega[middle_block],omega[output_blocks]")
+    for line in lines[1:]:
+        values = line.split(",")
+        omega, blocks = float(values[3]), [float(v) for v in values[-3:]]
+        assert blocks == pytest.approx([1 - 0.5 * (1 - omega), 1.0, omega], abs=1e-6)
+    assert plot.shape[0] == 1 and plot.shape[-1] == 3
 
 
 # ------------------------------------------------------------------------------- the warning at denoise < 1
