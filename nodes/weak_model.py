@@ -51,8 +51,8 @@ def interval_inputs() -> list[io.Float.Input]:
     """guidance_start and guidance_end: sampling progress on the model's full noise scale, 0 = pure noise, 1 = the
     end (as ComfyUI's timestep ranges read it: at denoise < 1 the first step is already past 0)."""
     scale = ("Read on the model's full noise scale, as ComfyUI's timestep ranges are: at denoise 1 the first step is "
-             "at 0; at denoise 0.6 (img2img) the steps sit at about 0.5-1, so an interval that ends before them guides "
-             "no step (the log warns).")
+             "at 0; at denoise 0.6 (img2img) the first step is at about 0.4, so an interval that ends before "
+             "it guides no step (the log warns).")
     return [
         _unit_interval("Sampling progress (0 = pure noise, 1 = the end) where the weak model starts to differ from the "
                f"fine-tuned model. Before it, plain CFG. 0 guides from the first step. {scale}", default=0.0,
