@@ -149,6 +149,36 @@ def test_unet_preset_matches_weights_materialized_per_block(sd15, pair_name, sch
     assert reference.relative_error(ours, moved) > 100 * reference.REL_TOL
 
 
+def test_lora_split_by_block_matches_stock_lora_hooks(sd15, tiny_files):
+    """The stock way, without this pack: CFG on the base model whose conds carry ComfyUI's LoRA hooks, the prompt the
+    whole LoRA at strength s, the null prompt each block's part of the LoRA at omega_b s (constant omega)."""
+    import comfy.hooks
+
+    nodes = sd15["nodes"]
+    pair, conds = sd15["pairs"]["lora"][0], sd15["conds"]
+    blocks = per_block(UNET, **dict(zip(("input_blocks", "middle_block", "output_blocks"), SD15_FACTORS, strict=True)))
+    ours = sample_sd15(sd15, pair, "constant", "guider", blocks)
+
+    lora = comfy.utils.load_torch_file(folder_paths.get_full_path_or_raise("loras", tiny_files["lora"]))
+    parts = {prefix: {k: v for k, v in lora.items() if k.startswith("lora_unet_" + prefix)}
+             for prefix in ("input_blocks", "middle_block", "output_blocks")}
+    assert sum(map(len, parts.values())) == len(lora) and all(parts.values())
+    omega = SCHEDULES["constant"]["omega"]
+    weak_hooks = comfy.hooks.HookGroup.combine_all_hooks([
+        comfy.hooks.create_hook_lora(part, (1.0 - f * (1.0 - omega)) * LORA_STRENGTH, 0.0)
+        for part, f in zip(parts.values(), SD15_FACTORS, strict=True)])
+    base = nodes.load_pair._checkpoint(tiny_files["base"])[0].clone()
+    guider = comfy.samplers.CFGGuider(base)
+    guider.set_conds(comfy.hooks.set_hooks_for_conditioning(_cond(conds["c"]),
+                                                            comfy.hooks.create_hook_lora(lora, LORA_STRENGTH, 0.0)),
+                     comfy.hooks.set_hooks_for_conditioning(_cond(conds["null"]), weak_hooks))
+    guider.set_cfg(LAMBDA)
+    noise, latent, sigmas = _sd15_inputs(base)
+    with torch.inference_mode():
+        stock = guider.sample(noise, latent, comfy.samplers.sampler_object("euler"), sigmas, seed=0)
+    reference.close(ours, stock)
+
+
 @pytest.mark.parametrize("pair_name", ["lora", "full"])
 def test_off_and_factors_of_one_are_bit_identical_to_no_per_block(sd15, pair_name):
     pair = sd15["pairs"][pair_name][0]
