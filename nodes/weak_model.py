@@ -1,4 +1,4 @@
-"""Personalization Weak Model (the weak model interpolator): omega, and its schedule over the run."""
+"""Personalization Weak Model (the weak model interpolator): omega, its schedule over the run, and omega per block."""
 
 from __future__ import annotations
 
