@@ -248,10 +248,14 @@ def sd15_routes(pack, opts, torch, device):
         guider.set_cfg(opts.lam)
         return guider
 
-    def pg(pair, schedule):
+    # Omega per block: every block's layers scaled (no factor of 0, which would leave layers without a handler).
+    per_block = {"per_block": "UNet: input / middle / output", "input_blocks": 0.5, "middle_block": 1.0,
+                 "output_blocks": 0.25}
+
+    def pg(pair, schedule, blocks="off"):
         shape, end = ("constant", opts.omega) if schedule == "constant" else ("linear", 1.0)
         start = opts.omega if schedule == "constant" else 0.0
-        weak = pack.nodes.weak_model.WeakModelInterpolator.execute(pair, shape, start, end, 0.0, 1.0).args[0]
+        weak = pack.nodes.weak_model.WeakModelInterpolator.execute(pair, shape, start, end, 0.0, 1.0, blocks).args[0]
         return pack.nodes.guider.PersonalizationGuider.execute(pair.finetuned, weak, positive, null, "two-way (paper)", opts.lam, 1.0).args[0]
 
     def hooks(mode):
@@ -261,14 +265,18 @@ def sd15_routes(pack, opts, torch, device):
         "CFG, LoRA model (baseline A)": lambda: cfg(lora_ft),
         "PG LoRA pair, constant omega": lambda: pg(lora_pair, "constant"),
         "PG LoRA pair, linear omega": lambda: pg(lora_pair, "linear"),
+        "PG LoRA pair, per-block omega": lambda: pg(lora_pair, "constant", per_block),
         "stock: LoRA hooks on conds, MaxSpeed": lambda: hooks(comfy.hooks.EnumHookMode.MaxSpeed),
         "stock: LoRA hooks on conds, MinVram": lambda: hooks(comfy.hooks.EnumHookMode.MinVram),
         "CFG, full fine-tune (baseline B)": lambda: cfg(full_ft),
         "PG full pair, constant omega": lambda: pg(full_pair, "constant"),
         "PG full pair, linear omega": lambda: pg(full_pair, "linear"),
+        "PG full pair, per-block omega": lambda: pg(full_pair, "constant", per_block),
         "stock: two UNets, dual-model guider": lambda: two_model_guider(full_ft, weak_full, positive, null, opts.lam),
     }
-    baseline = {name: ("CFG, LoRA model (baseline A)" if i < 5 else "CFG, full fine-tune (baseline B)") for i, name in enumerate(routes)}
+    first_b = list(routes).index("CFG, full fine-tune (baseline B)")
+    baseline = {name: ("CFG, LoRA model (baseline A)" if i < first_b else "CFG, full fine-tune (baseline B)")
+                for i, name in enumerate(routes)}
     if opts.only:
         keep = {name for name in routes if any(text.strip() in name for text in opts.only.split(","))}
         keep |= {baseline[name] for name in keep}

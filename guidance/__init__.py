@@ -1,11 +1,12 @@
 """Personalization guidance math: pure torch, no ComfyUI.
 
 The estimates (``estimates``), omega over the run (``schedule``), weight deltas
-(``deltas``) and the table of layer kinds (``layers``) of docs/design.md. The ComfyUI nodes
+(``deltas``), omega per block (``blocks``) and the table of layer kinds (``layers``) of docs/design.md. The ComfyUI nodes
 in ``nodes/`` only wire these. For the tuning nodes: the run step by step (``steps``),
 sweep value lists (``sweep``) and preset files (``presets``).
 """
 
+from .blocks import BlockPreset, BlockSpec, block_factors, block_omega, parse_block_setting, parse_free_form
 from .deltas import (
     DenseDelta,
     LayerDelta,
@@ -45,11 +46,21 @@ from .layers import (
     place_parameter,
 )
 from .presets import Preset, PresetEstimate, check_preset_name, parse_preset, preset_from_dict
-from .schedule import OmegaSchedule, OmegaShape, check_unit_interval, omega_at, omega_at_sigma, progress_of_sigma
+from .schedule import (
+    OmegaSchedule,
+    OmegaShape,
+    check_unit_interval,
+    in_interval,
+    omega_at,
+    omega_at_sigma,
+    progress_of_sigma,
+)
 from .steps import StepGuidance, guidance_per_step
 from .sweep import parse_values, sweep_combinations
 
 __all__ = [
+    "BlockPreset",
+    "BlockSpec",
     "LAYER_KINDS",
     "ROW_MIXING",
     "ChangedParameter",
@@ -67,6 +78,8 @@ __all__ = [
     "PresetEstimate",
     "StepGuidance",
     "add_weak_correction",
+    "block_factors",
+    "block_omega",
     "cfg",
     "check_finite",
     "check_layer",
@@ -77,11 +90,14 @@ __all__ = [
     "combine",
     "estimate_weights",
     "guidance_per_step",
+    "in_interval",
     "layer_kind",
     "layer_response",
     "low_rank_factors",
     "omega_at",
     "omega_at_sigma",
+    "parse_block_setting",
+    "parse_free_form",
     "parse_preset",
     "parse_values",
     "place_parameter",

@@ -119,6 +119,12 @@ def progress_of_sigma(percent_to_sigma: PercentToSigma, sigma: float) -> float:
     return 0.5 * (lo + hi)
 
 
+def in_interval(schedule: OmegaSchedule, sigma: float, percent_to_sigma: PercentToSigma) -> bool:
+    """Whether the step with noise level ``sigma`` is inside the guidance interval, decided in sigma space as
+    ComfyUI decides its timestep ranges: ``percent_to_sigma(p_end) <= sigma <= percent_to_sigma(p_start)``."""
+    return float(percent_to_sigma(schedule.p_end)) <= float(sigma) <= float(percent_to_sigma(schedule.p_start))
+
+
 def omega_at_sigma(schedule: OmegaSchedule, sigma: float, percent_to_sigma: PercentToSigma,
                    progress: Callable[[float], float] | None = None) -> float:
     """omega at the step with noise level ``sigma``: docs/design.md, "Omega over the run".
@@ -131,7 +137,7 @@ def omega_at_sigma(schedule: OmegaSchedule, sigma: float, percent_to_sigma: Perc
     sigma = float(sigma)
     if not math.isfinite(sigma):
         raise GuidanceInputError(f"A sampling step's sigma must be a finite number, got {sigma!r}.")
-    if not float(percent_to_sigma(schedule.p_end)) <= sigma <= float(percent_to_sigma(schedule.p_start)):
+    if not in_interval(schedule, sigma, percent_to_sigma):
         return 1.0
     if schedule.shape == OmegaShape.CONSTANT:
         return schedule.omega_start

@@ -1,4 +1,5 @@
-"""The value lists of a sweep over omega and lambda: parsing, range checks, and the cap on its size.
+"""The value lists of a sweep over omega and lambda (and per-block settings): parsing, range checks, the cap on its
+size.
 
 Lists are typed by people into a text widget, so every problem is reported with
 what was typed and how to write it instead.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 
+from .blocks import BlockSpec, parse_block_setting
 from .errors import GuidanceInputError
 
 MAX_VALUES = 8  # per list: the grid's rows or columns
@@ -48,6 +50,24 @@ def value_problems(name: str, text: str, check: Callable[[str, float], float]) -
     return tuple(values), problems
 
 
+def parse_block_settings(text: str) -> list[BlockSpec]:
+    """The per-block settings of a sweep, one per line (``blocks.parse_block_setting``: 'off', 'unet: 1, 0.5, 0',
+    'stream: 0.5, 1', 'depth: 1, 1, 0', or free-form entries separated by ';'); at most ``MAX_VALUES``, none twice."""
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+    if len(lines) > MAX_VALUES:
+        raise GuidanceInputError(f"block_settings has {len(lines)} lines; a sweep takes at most {MAX_VALUES}.")
+    settings: list[BlockSpec] = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            setting = parse_block_setting(line)
+        except GuidanceInputError as error:
+            raise GuidanceInputError(f"block_settings, setting {number} ({line!r}): {error}") from None
+        if setting in settings:
+            raise GuidanceInputError(f"block_settings lists {line!r} twice: each setting makes its rows once.")
+        settings.append(setting)
+    return settings
+
+
 def parse_values(name: str, text: str, check: Callable[[str, float], float]) -> tuple[float, ...]:
     """The numbers of a list like "0.3, 0.5, 0.7" (see ``value_problems``); every problem at once is an error."""
     values, problems = value_problems(name, text, check)
@@ -56,16 +76,19 @@ def parse_values(name: str, text: str, check: Callable[[str, float], float]) -> 
     return values
 
 
-def sweep_combinations(omegas: Sequence[float], lambdas: Sequence[float], batch_size: int = 1) -> list[tuple[float, float]]:
+def sweep_combinations(omegas: Sequence[float], lambdas: Sequence[float], batch_size: int = 1,
+                       block_settings: int = 1) -> list[tuple[float, float]]:
     """Every (omega, lambda) pair, omega-major: grid row i is ``omegas[i]``, column j is ``lambdas[j]``.
 
-    Refuses sweeps of more than ``MAX_IMAGES`` images (combinations times ``batch_size``).
+    Refuses sweeps of more than ``MAX_IMAGES`` images (combinations times ``batch_size``, times the number of
+    per-block settings swept, each of which samples every combination).
     """
-    count = len(omegas) * len(lambdas)
+    count = len(omegas) * len(lambdas) * block_settings
     if count * batch_size > MAX_IMAGES:
         per = f" x latent batch {batch_size}" if batch_size > 1 else ""
+        blocks = f" x {block_settings} per-block settings" if block_settings > 1 else ""
         raise GuidanceInputError(
-            f"The sweep would sample {len(omegas)} omega x {len(lambdas)} lambda values{per} = "
+            f"The sweep would sample {len(omegas)} omega x {len(lambdas)} lambda values{blocks}{per} = "
             f"{count * batch_size} images; at most {MAX_IMAGES}. Shorten a list{' or the batch' if per else ''}."
         )
     return [(omega, lam) for omega in omegas for lam in lambdas]

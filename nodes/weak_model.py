@@ -1,16 +1,30 @@
-"""Personalization Weak Model (the weak model interpolator): omega, and its schedule over the run."""
+"""Personalization Weak Model (the weak model interpolator): omega, its schedule over the run, and omega per block."""
 
 from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..guidance import OmegaSchedule, OmegaShape, check_unit_interval
+from ..guidance import BlockPreset, BlockSpec, GuidanceInputError, OmegaSchedule, OmegaShape, check_unit_interval
+from ..guidance.blocks import FACTOR_NAMES
 from .core.modes import Mode, mode_input
 from .core.schema import node_schema
 from .core.vocabulary import WeakModel
 from .sockets import CATEGORY, FinetunedPairSocket, WeakModelSocket
 
 SCHEDULE = "schedule"
+PER_BLOCK = "per_block"
+# What each factor widget scales, for its tooltip.
+_BLOCK_TIPS = {
+    "input_blocks": "the UNet's input (down) blocks",
+    "middle_block": "the UNet's middle block",
+    "output_blocks": "the UNet's output (up) blocks",
+    "double_blocks": "the double-stream blocks (double_blocks; HiDream: double_stream_blocks)",
+    "single_blocks": "the single-stream blocks (single_blocks; HiDream: single_stream_blocks)",
+    "early": "the first third of the model's blocks (its main stacks in the order it runs them)",
+    "middle": "the middle third of the model's blocks",
+    "late": "the last third of the model's blocks",
+}
+FREE_FORM_DEFAULT = "# glob = factor, one per line; the last matching line wins; layers no line matches: 1\n* = 1\n"
 
 
 def _unit_interval(tooltip: str, default: float = 0.5, id: str = "omega") -> io.Float.Input:
@@ -34,14 +48,61 @@ def schedule_input() -> io.DynamicCombo.Input:
 
 
 def interval_inputs() -> list[io.Float.Input]:
-    """guidance_start and guidance_end: sampling progress, 0 = first step, 1 = the end."""
+    """guidance_start and guidance_end: sampling progress on the model's full noise scale, 0 = pure noise, 1 = the
+    end (as ComfyUI's timestep ranges read it: at denoise < 1 the first step is already past 0)."""
+    scale = ("Read on the model's full noise scale, as ComfyUI's timestep ranges are: at denoise 1 the first step is "
+             "at 0; at denoise 0.6 (img2img) the first step is at about 0.4, so an interval that ends before "
+             "it guides no step (the log warns).")
     return [
-        _unit_interval("Sampling progress (0 = first step, 1 = last) where the weak model starts to differ from the "
-               "fine-tuned model. Before it, plain CFG. 0 guides from the first step.", default=0.0,
+        _unit_interval("Sampling progress (0 = pure noise, 1 = the end) where the weak model starts to differ from the "
+               f"fine-tuned model. Before it, plain CFG. 0 guides from the first step. {scale}", default=0.0,
                id="guidance_start"),
         _unit_interval("Sampling progress where personalization guidance stops; after it, plain CFG. 1 guides to the last "
-               "step. Not before guidance_start.", default=1.0, id="guidance_end"),
+               f"step. Not before guidance_start. {scale}", default=1.0, id="guidance_end"),
     ]
+
+
+def _factor(name: str) -> io.Float.Input:
+    return io.Float.Input(name, default=1.0, min=0.0, max=1.0, step=0.05, tooltip=(
+        f"How much of the unlearning reaches {_BLOCK_TIPS[name]}: their omega is 1 - factor * (1 - omega). 1: the "
+        "run's omega (1 everywhere = per_block off); 0: these blocks keep the subject (the weak model is the "
+        "fine-tuned model there: the guidance does not push on them)."))
+
+
+def per_block_input() -> io.DynamicCombo.Input:
+    """Omega per block: off, a preset with one factor per block, or the free form (docs/design.md, "Omega per block")."""
+    options = {BlockPreset.OFF: []}
+    options.update({preset: [_factor(name) for name in names] for preset, names in FACTOR_NAMES.items()})
+    options[BlockPreset.FREE] = [io.String.Input(
+        "factors", default=FREE_FORM_DEFAULT, multiline=True,
+        tooltip="One 'glob = factor' per line (or separated by ';'), matched against each changed layer's path in the "
+        "diffusion model (e.g. double_blocks.* = 0.5, output_blocks.1 = 0, *attn* = 0.3); a glob also matches "
+        "everything below the module it names; the last matching line wins; layers no line matches take 1. Factors "
+        "as on the presets: 1 = the run's omega, 0 = the layer keeps the subject. '#' starts a comment.")]
+    return mode_input(
+        PER_BLOCK, options,
+        tooltip="Omega per block: scale how much each block of the model forgets the subject, e.g. push the guidance "
+        "on identity while leaving composition to the prompt. A block's omega is 1 - factor * (1 - omega): 1 = the "
+        "run's omega, 0 = the block keeps the subject. off (the default) = one omega for every layer. Presets: the "
+        "UNet's input / middle / output blocks (SD1.5, SDXL); double / single stream blocks (Flux, Flux.2, Chroma, "
+        "HunyuanVideo, HiDream); thirds of depth (any model with a stack of blocks); or the free form.",
+    )
+
+
+def blocks_of(per_block: dict | str | None) -> BlockSpec | None:
+    """The BlockSpec of the per_block widgets (ComfyUI's dict, or "off"); None when off."""
+    if per_block is None:
+        return None
+    chosen = Mode.of(BlockPreset, PER_BLOCK, per_block)
+    if chosen.key == BlockPreset.OFF:
+        return None
+    if chosen.key == BlockPreset.FREE:
+        return BlockSpec(BlockPreset.FREE, text=chosen.get("factors", ""))
+    names = FACTOR_NAMES[chosen.key]
+    missing = [name for name in names if chosen.get(name) is None]
+    if missing:
+        raise GuidanceInputError(f"per_block {chosen.key.value!r} needs {', '.join(names)}; missing {', '.join(missing)}.")
+    return BlockSpec(chosen.key, tuple(float(chosen[name]) for name in names))
 
 
 def interval_problem(guidance_start: float | None, guidance_end: float | None) -> str | None:
@@ -79,7 +140,7 @@ class WeakModelInterpolator(io.ComfyNode):
                 "The weak model theta_pre + omega * (theta_ft - theta_pre): omega = 1 is the fine-tuned model, "
                 "omega = 0 the base. For a LoRA pair it is the LoRA at strength omega * s. Nothing is loaded or "
                 "copied: the guidance applies it while sampling. omega may move over the run (linear, cosine) inside "
-                "a guidance interval."
+                "a guidance interval, and per block (per_block)."
             ),
             inputs=[
                 FinetunedPairSocket.Input(
@@ -87,13 +148,16 @@ class WeakModelInterpolator(io.ComfyNode):
                 ),
                 schedule_input(),
                 *interval_inputs(),
+                per_block_input(),
             ],
             outputs=[WeakModelSocket.Output("weak_model", tooltip="For the Personalization Guider or the KSampler patch.")],
         )
 
     @classmethod
-    def validate_inputs(cls, guidance_start: float, guidance_end: float, *, schedule=None) -> bool | str:
-        # See core/modes.py on the keyword-only parameter: it takes the schedule that ComfyUI passes regardless.
+    def validate_inputs(cls, guidance_start: float, guidance_end: float, *, schedule=None, per_block=None) -> bool | str:
+        # See core/modes.py on the keyword-only parameters: they take the combos that ComfyUI passes regardless. Their
+        # children arrive as None here, so the free form is checked when the node runs (its message names the line);
+        # ComfyUI checks the factors' range itself.
         return interval_problem(guidance_start, guidance_end) or True
 
     @classmethod
@@ -105,7 +169,12 @@ class WeakModelInterpolator(io.ComfyNode):
         omega_end: float | None = None,
         guidance_start: float = 0.0,
         guidance_end: float = 1.0,
+        per_block: dict | str = BlockPreset.OFF.value,
     ) -> io.NodeOutput:
-        """``schedule`` as ComfyUI passes it; Python callers may pass the shape's name and ``omega``/``omega_end``."""
+        """``schedule`` and ``per_block`` as ComfyUI passes them; Python callers may pass the shape's name and
+        ``omega``/``omega_end``, and ``per_block`` as "off" or as ComfyUI's dict (``{"per_block": "free form",
+        "factors": "..."}``)."""
         weak = schedule_of(schedule, guidance_start, guidance_end, omega=omega, omega_end=omega_end)
-        return io.NodeOutput(WeakModel(pair, weak))
+        model = WeakModel(pair, weak, blocks_of(per_block))
+        _ = model.factors  # a per-block setting that fits no changed layer of the pair is refused here
+        return io.NodeOutput(model)

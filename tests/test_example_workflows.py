@@ -107,7 +107,7 @@ def test_workflow_has_a_note_and_an_empty_null_prompt(path):
 
 
 def test_lora_example_is_two_way_with_sampler_custom_advanced():
-    workflow = example("LoRA pair")
+    workflow = example("LoRA pair, two-way")
     (pair,) = by_type(workflow, "PG_LoadFinetunedPair")
     (guider,) = by_type(workflow, "PG_PersonalizationGuider")
     (weak,) = by_type(workflow, "PG_WeakModelInterpolator")
@@ -313,9 +313,10 @@ BROKEN = {
                               "personalization.lora_name: 'notes.txt' is neither one of [] nor a model file name"),
     "input of another mode": (_negative_in_two_way, "ends at 'estimate.null_conditioning', which the node does not show"),
     "prompt not a string": (_set_widget("CLIPTextEncode", "text", 3), "text: 3 is not a string"),
-    "widget value missing": (_drop_widget_value, "no widget value for guidance_end"),
+    "widget value missing": (_drop_widget_value, "no widget value for per_block"),
+    # The cosine schedule's values read as the constant one's: they shift onto the inputs after it.
     "values of another mode": (_set_widget("PG_WeakModelInterpolator", "schedule", "constant"),
-                               "1 widget value(s) too many: [0.8]"),
+                               "per_block: 0.8 is not one of the options"),
     "seed control missing": (_drop_seed_control, "seed: no control_after_generate value after it"),
     "link type wrong": (_retype_link, "type MODEL, from PG_FINETUNED_PAIR output to PG_FINETUNED_PAIR input"),
     "link to the wrong slot": (_swap_link_target, "from PG_WEAK_MODEL output to MODEL input"),

@@ -68,7 +68,7 @@ GAP = 40  # between a node's bottom and the next node's title, and between colum
 TALLEST = {
     "PG_LoadFinetunedPair": 240,
     "PG_LoadDiffusionModelPair": 230,
-    "PG_WeakModelInterpolator": 160,
+    "PG_WeakModelInterpolator": 300,  # the free form of per_block (a text box) is its tallest mode
     "PG_PersonalizationGuider": 190,
     "PG_PersonalizationGuidanceModel": 130,
     "PG_Sweep": 340,
@@ -257,12 +257,19 @@ def _diffusion_model_loaders(files: dict[str, str], clip_type: str) -> dict[str,
 
 
 def _weak(schedule: str = "constant", omega: float = 0.5, omega_end: float | None = None, guidance_start: float = 0.0,
-          guidance_end: float = 1.0, title: str | None = None) -> Node:
+          guidance_end: float = 1.0, title: str | None = None, per_block: tuple[str, dict] | None = None) -> Node:
+    """The Weak Model; ``per_block``: (option, {factor widget: value}), else per_block stays off."""
     widgets = {"schedule": schedule, "schedule.omega": omega, "guidance_start": guidance_start,
                "guidance_end": guidance_end}
     if omega_end is not None:
         widgets["schedule.omega_end"] = omega_end
-    return Node("PG_WeakModelInterpolator", (420, 130 if schedule == "constant" else 160), widgets, title)
+    height = 155 if schedule == "constant" else 185
+    if per_block is not None:
+        option, factors = per_block
+        widgets["per_block"] = option
+        widgets.update({f"per_block.{name}": value for name, value in factors.items()})
+        height += 25 * len(factors)
+    return Node("PG_WeakModelInterpolator", (420, height), widgets, title)
 
 
 def _prompts(negative: bool, prompt: str = PROMPT) -> dict[str, Node]:
@@ -422,6 +429,30 @@ def ksampler_scheduled_omega() -> Workflow:
             "Scheduled omega: cosine from omega 0.2 (strong pull toward the subject) to omega_end 1.0 over the first "
             "80% of sampling (guidance_start 0 to guidance_end 0.8); after that, plain CFG. guidance_end < 1 leaves "
             "the last, detail-forming steps to the fine-tuned model.",
+            NOTE_SIZE,
+        ),
+    )
+
+
+def lora_omega_per_block() -> Workflow:
+    tail, tail_edges = _custom_advanced_tail(_guider(TWO_WAY, guidance_scale=7.5))
+    factors = {"input_blocks": 0.25, "middle_block": 1.0, "output_blocks": 1.0}
+    return Workflow(
+        title="LoRA pair, omega per block (UNet)",
+        columns=_columns(["weak", "positive", "null"], GUIDANCE_COLUMN, ["sample"], ["decode", "save"]),
+        nodes={"pair": _pair(), "weak": _weak(per_block=("UNet: input / middle / output", factors)),
+               **_prompts(negative=False), **tail},
+        edges=[("pair", "pair", "weak", "pair"), *_text_edges(False), *tail_edges],
+        note=(
+            "Omega per block: the weak model forgets the subject block by block. A block's omega is "
+            "1 - factor * (1 - omega): factor 1 = the run's omega (full push), 0 = the block keeps the subject "
+            "(no push there). All 1 = per_block off.\n\n"
+            "Here the UNet's input blocks get a quarter of the push (input_blocks 0.25) and the middle and output "
+            "blocks all of it: the guidance pushes on the subject while the input blocks, which lay out the "
+            "picture, stay closer to the plain prompt. A starting point to compare, not a known optimum: sweep "
+            "settings with the Personalization Sweep's block_settings (one per line, e.g. unet: 0.25, 1, 1).\n\n"
+            "Flux-like models: the double / single stream preset; any DiT: depth thirds; anything else: the free "
+            "form (glob = factor per line). The Schedule Preview plots each block's omega.",
             NOTE_SIZE,
         ),
     )
@@ -653,8 +684,8 @@ def tuning_preset() -> Workflow:
 
 WORKFLOWS = {
     make().slug: make
-    for make in (lora_sampler_custom_advanced, full_checkpoint, ksampler_scheduled_omega, sdxl_lora, qwen_image_lora,
-                 wan_text_to_video_lora, tuning_sweep, tuning_schedule_preview, tuning_preset)
+    for make in (lora_sampler_custom_advanced, full_checkpoint, ksampler_scheduled_omega, lora_omega_per_block, sdxl_lora,
+                 qwen_image_lora, wan_text_to_video_lora, tuning_sweep, tuning_schedule_preview, tuning_preset)
 }
 
 

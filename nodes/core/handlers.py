@@ -19,6 +19,9 @@ changed module has a handler, chosen by ``routing.py``:
   or streams; weak forwards of their own only): ComfyUI's own ``weight_function``
   adds (omega - 1) * delta to the weight it delivers.
 
+With omega per block each handler scales the run's coefficient (omega - 1) by its module's block
+factor (``Handler.factor``; docs/design.md, "Omega per block").
+
 After the first forward with weak rows the run checks that every handler that relies on
 its module being called was called (``routing.ReadWatch``).
 Everything here exists only during a run: ``remove`` undoes it, and weights are never
@@ -51,6 +54,9 @@ class Handler:
     relies_on_call = True  # works only when ComfyUI calls the module (checked after each weak forward)
     row_capable = True  # can give chunks of rows their weights (else: weak forwards of their own only)
     per_row_omega = True  # can give each weak row its own omega (PG Sweep's batched rows)
+    # The module's block factor f (omega per block): its coefficient is f (omega - 1). Set by routing.py where it is
+    # not 1; at 1 the coefficient is the run's, untouched (docs/design.md, "Omega per block").
+    factor = 1.0
 
     def __init__(self, path: str, module: torch.nn.Module, state: RowState):
         self.path, self.module, self.state = path, module, state
@@ -63,6 +69,10 @@ class Handler:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
+
+    def scaled(self, coefficient):
+        """The module's coefficient f (omega - 1) for the run's ``coefficient`` (one value, or one per row)."""
+        return coefficient if self.factor == 1.0 else coefficient * self.factor
 
     def begin_forward(self) -> None:
         """A forward with weak rows starts (``state.rows`` is set)."""
@@ -96,7 +106,7 @@ class Correction(Handler):
         if out.requires_grad:
             out = out.clone()
         for chunk in chunks(rows, x.shape[0]):
-            coefficient = self.state.coefficient_for(chunk.stop - chunk.start)
+            coefficient = self.scaled(self.state.coefficient_for(chunk.stop - chunk.start))
             for correction in self.prepared:
                 correction.add(x, out, chunk, coefficient)
         return out
@@ -187,7 +197,7 @@ class WeakWeights(SplitRows):
         for name in self.names:
             param = params[name]
             slot = buffer[at:at + param.numel()].view(param.shape)
-            out[name] = weak_parameter(param, self.delta.params[name], self.state.coefficient, out=slot)
+            out[name] = weak_parameter(param, self.delta.params[name], self.scaled(self.state.coefficient), out=slot)
             at += param.numel()
         return out
 
@@ -211,7 +221,7 @@ class ReadBoth(SplitRows):
     def weights(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """(the weights the layer computes with, the weak ones): W + (omega - 1) (W_ft - W_pre) for the changed
         parameters, where W is what the sampled MODEL computes with and W_ft the pair's fine-tuned weights."""
-        c = self.state.coefficient
+        c = self.scaled(self.state.coefficient)
         finetuned, weak = {}, {}
         for name, tensor in self.module._parameters.items():
             if tensor is None or (name not in self.delta.names and not host.is_gguf_packed(tensor)):
@@ -273,7 +283,7 @@ class Swap(Handler):
         tensors = {**module._parameters, **module._buffers}
         self.saved = {name: tensors[name] for name in self.deltas}
         for name, delta in self.deltas.items():
-            _set(module, name, weak_parameter(tensors[name], delta, self.state.coefficient))
+            _set(module, name, weak_parameter(tensors[name], delta, self.scaled(self.state.coefficient)))
         self.state.mark_ran(self)
 
     def deactivate(self) -> None:
@@ -348,7 +358,7 @@ class WeightFunction(Handler):
         if self.state.rows is not ALL:
             raise GuidanceInputError(f"Personalization guidance: {self.path} can only be guided in a weak forward of "
                                      "its own.")
-        coefficient = self.state.coefficient
+        coefficient = self.scaled(self.state.coefficient)
 
         def add(delta):
             def function(weight):

@@ -116,18 +116,25 @@ class Run:
             self.weak_weights and self.config.rows is None and mostly_not_own(pair, root))
         handlers: list[Handler] = []
         reasons: list[str] = []
+        factors = self.config.weak.factors  # omega per block: empty when off
         for path, deltas in pair.deltas.items():
+            factor = factors.get(path, 1.0)
+            if factor == 0.0:
+                continue  # the block keeps the fine-tuned weights: the weak model is the fine-tuned one there
             module = root.get_submodule(path)
             places = [pair.placements[f"{path}.{name}"] for name in parameter_names(deltas)]
             why = next((p.reason for p in places if p.reason), "")
             layer = all(p.kind is not None for p in places) and not why
             handlers.append(self._handler(path, module, deltas, layer))
+            if factor != 1.0:
+                handlers[-1].factor = factor
             if why:
                 reasons.append(why)
         containers = sorted({p.container for p in pair.placements.values() if p.placement == Placement.IN_ROW_MIXING})
         for container in containers:
             inner = [h for h in handlers if h.path.startswith(container + ".")]
-            handlers.append(RowMixing(container, root.get_submodule(container), self.state, inner))
+            if inner:
+                handlers.append(RowMixing(container, root.get_submodule(container), self.state, inner))
         in_mixing = {id(h) for h in handlers if any(h.path.startswith(c + ".") for c in containers)}
         needs_own = [h for h in handlers if not h.row_capable and id(h) not in in_mixing]
         route = route or self.config.route or (Route.OWN_FORWARD if needs_own or self.prefer_own else Route.ROWS)
@@ -148,6 +155,12 @@ class Run:
         because = f" ({reasons[0]}{'; and others' if len(reasons) > 1 else ''})" if route == Route.OWN_FORWARD and reasons else ""
         log.info("Personalization guidance: the weak evaluation runs in %s%s; handlers: %s.", route.value, because,
                  ", ".join(f"{k} x {n}" for k, n in sorted(counts.items())))
+        if factors:
+            scaled = sorted({f for f in factors.values() if f not in (0.0, 1.0)})
+            log.info("Personalization guidance, omega per block (%s): %d changed module(s) at the run's omega, %d "
+                     "scaled (factors %s), %d keep the fine-tuned weights (factor 0).", self.config.weak.blocks.label(),
+                     sum(f == 1.0 for f in factors.values()), sum(f not in (0.0, 1.0) for f in factors.values()),
+                     ", ".join(f"{f:g}" for f in scaled) or "none", sum(f == 0.0 for f in factors.values()))
 
     def _handler(self, path: str, module: torch.nn.Module, deltas: list[LayerDelta], layer: bool) -> Handler:
         """The handler of one changed module (module docstring of ``handlers.py``).

@@ -5,7 +5,8 @@
 - OUTER_SAMPLE: for the length of one sampling run, a ``routing.Run`` with the per-module
   handlers of ``handlers.py``. Undone in ``finally``, so an interrupted or failed run leaves
   the model as it was. A model that ComfyUI would run on several GPUs is refused here,
-  before anything loads.
+  before anything loads. A run whose guidance would do nothing at any of its steps (no
+  step inside the guidance interval, as at denoise < 1; omega 1 throughout) logs one warning.
 - SAMPLER_SAMPLE: once the model is loaded, and before the first step, the run chooses
   each changed module's handler and the route (``routing.py``).
 - PREDICT_NOISE: replaces CFG's combination with the estimate (docs/design.md, "The
@@ -22,6 +23,8 @@ nodes use (``GuidanceConfig`` and the rest) are in ``vocabulary.py``.
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 
 import comfy.model_patcher
 import comfy.patcher_extension
@@ -32,6 +35,7 @@ import torch
 from ...guidance import (
     GuidanceInputError,
     combine,
+    in_interval,
     omega_at_sigma,
     plan_evaluations,
     plan_for_rows,
@@ -51,6 +55,8 @@ from .vocabulary import (
     Route,
 )
 from .weak_weights import WeakWorkspace, prefers_weak_weights, workspace_for
+
+log = logging.getLogger(__name__)
 
 
 def _same_conditioning(conditioning: list, converted: list | None) -> bool:
@@ -93,6 +99,9 @@ class _Runtime:
         null = self.config.null
         if null is not None and not _same_conditioning(null, guider.original_conds.get("negative")):
             guider.conds[NULL_KEY] = comfy.sampler_helpers.convert_cond(null)
+        sigmas = args[3] if len(args) > 3 else kwargs.get("sigmas")
+        if sigmas is not None:
+            self.warn_if_unguided(guider.model_patcher.get_model_object("model_sampling"), sigmas)
         self.run = Run(self.config.weak.pair, self.config, self.weak_weights, self.workspace)
         try:
             return executor(*args, **kwargs)
@@ -138,6 +147,36 @@ class _Runtime:
         if p is None:
             p = self._progress_cache[sigma] = progress_of_sigma(model_sampling.percent_to_sigma, sigma)
         return p
+
+    def warn_if_unguided(self, sampling, sigmas: torch.Tensor) -> None:
+        """One warning when no step of this run is guided: none inside the guidance interval (the interval is read on
+        the model's full noise scale, so at denoise < 1 the first step is already past progress 0), omega 1 at every
+        step, or every block's factor 0. Each step's omega as sampling computes it (``omega_at_sigma``)."""
+        steps = [float(s) for s in sigmas.flatten()[:-1] if math.isfinite(float(s))]  # the last sigma is the end
+        if not steps:
+            return
+        schedule, rows, factors = self.config.weak.schedule, self.config.rows, self.config.weak.factors
+        progress = [self.progress(sampling, s) for s in steps]
+        if rows is not None:  # PG Sweep's rows: one constant omega per row over the whole run
+            inside, omegas = True, list(rows.omega)
+        else:
+            inside = any(in_interval(schedule, s, sampling.percent_to_sigma) for s in steps)
+            omegas = [omega_at_sigma(schedule, s, sampling.percent_to_sigma, lambda _, p=p: p)
+                      for s, p in zip(steps, progress, strict=True)]
+        if not inside:
+            why = (f"no step falls inside the guidance interval [{schedule.p_start:g}, {schedule.p_end:g}]", "move the "
+                   "guidance interval over these steps")
+        elif all(o == 1.0 for o in omegas):
+            why = "omega is 1 at every step", "lower omega"
+        elif factors and max(factors.values()) == 0.0:
+            why = "every block's factor is 0", "raise a block factor of per_block"
+        else:
+            return
+        log.warning(
+            "Personalization guidance does nothing in this run: its %d step(s) sit at progress %.2f-%.2f and %s. "
+            "Progress is read on the model's full noise scale, as ComfyUI's timestep ranges are (with denoise below 1 "
+            "the first step is already past 0). The weak model is the fine-tuned model at every step, so the run is "
+            "plain CFG on the fine-tuned model; to guide, %s.", len(steps), min(progress), max(progress), *why)
 
     def omega(self, model, timestep: torch.Tensor) -> float:
         schedule = self.config.weak.schedule
@@ -227,6 +266,7 @@ def attach(model: comfy.model_patcher.ModelPatcher, config: GuidanceConfig) -> c
     """A clone of ``model`` that samples with personalization guidance (see the module docstring)."""
     pair = config.weak.pair
     pair.check_model(model)
+    _ = config.weak.factors  # omega per block: resolved once, and a setting that fits no changed layer refused, here
     if model.get_wrappers(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, WRAPPER_KEY):
         raise GuidanceInputError("This MODEL already has personalization guidance: apply it once.")
     patched = model.clone()

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from functools import cached_property
 from typing import TYPE_CHECKING
 
-from ...guidance import GuidanceInputError, OmegaSchedule, check_scale, check_unit_interval
+from ...guidance import BlockSpec, GuidanceInputError, OmegaSchedule, block_factors, check_scale, check_unit_interval
 
 if TYPE_CHECKING:
     from .pairs import FinetunedPair
@@ -43,6 +44,27 @@ class WeakModel:
 
     pair: FinetunedPair
     schedule: OmegaSchedule  # validated where it is built (guidance.schedule)
+    # Omega per block (guidance.blocks; docs/design.md, "Omega per block"); None or off: one omega for every layer.
+    blocks: BlockSpec | None = None
+
+    def __post_init__(self):
+        if self.blocks is not None and not isinstance(self.blocks, BlockSpec):
+            raise GuidanceInputError(f"per_block must be a block setting, got {type(self.blocks).__name__}.")
+        if self.blocks is not None and self.blocks.is_off:
+            object.__setattr__(self, "blocks", None)
+
+    @cached_property
+    def factors(self) -> dict[str, float]:
+        """Each changed module's block factor, by its path in ``pair.deltas``; empty when per-block is off.
+
+        Resolved once from the module paths (a preset or free-form line that matches no changed layer is refused
+        here, before sampling)."""
+        if self.blocks is None:
+            return {}
+        prefix = "diffusion_model."
+        changed = [path.removeprefix(prefix) for path in self.pair.deltas]
+        model = [name for name, _ in self.pair.finetuned.model.diffusion_model.named_parameters()]
+        return {prefix + path: f for path, f in block_factors(self.blocks, changed, model).items()}
 
 
 @dataclass(frozen=True)

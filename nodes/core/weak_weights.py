@@ -35,7 +35,8 @@ class WeakWorkspace(torch.nn.Module):
 
     def __init__(self, shapes: dict[str, dict[str, torch.Tensor]], device: torch.device):
         super().__init__()
-        # What the slots hold weak parameters for: (omega - 1, the loaded weights' patches uuid, the layers formed).
+        # What the slots hold weak parameters for: (omega - 1, the loaded weights' patches uuid, the layers formed and
+        # their block factors).
         self.formed_for: tuple | None = None
         self.layers: dict[str, dict[str, torch.nn.Parameter]] = {}
         for path, params in shapes.items():
@@ -52,19 +53,20 @@ class WeakWorkspace(torch.nn.Module):
     @torch.no_grad()
     def form(self, users: list, coefficient: float, root: torch.nn.Module) -> None:
         """The weak parameters of ``users`` (``handlers.WeakWeights`` with slots here) for ``coefficient`` = omega - 1,
-        unless the slots already hold them: same omega, same loaded weights, same layers (e.g. the next run with a
-        constant omega)."""
+        each scaled by its layer's block factor, unless the slots already hold them: same omega, same loaded weights,
+        same layers and factors (e.g. the next run with a constant omega)."""
         loaded = getattr(root, "current_weight_patches_uuid", None)
         patcher = getattr(root, "current_patcher", None)
         if patcher is not None and patcher.hook_patches:
             loaded = None  # hooks on the conditioning may patch weights during the run: form every time
-        key = (coefficient, loaded, tuple(h.path for h in users))
+        key = (coefficient, loaded, tuple((h.path, h.factor) for h in users))
         if loaded is not None and self.formed_for == key:
             return
         self.formed_for = None  # an interrupted forming leaves nothing to trust
         for handler in users:
             for name, slot in handler.slots.items():
-                weak_parameter(handler.module._parameters[name], handler.delta.params[name], coefficient, out=slot.data)
+                weak_parameter(handler.module._parameters[name], handler.delta.params[name], handler.scaled(coefficient),
+                               out=slot.data)
         self.formed_for = key
 
 

@@ -6,9 +6,11 @@ import torch
 from comfy_api.latest import io
 
 from ...guidance import (
+    BlockSpec,
     GuidanceInputError,
     OmegaShape,
     StepGuidance,
+    block_omega,
     check_scale,
     guidance_per_step,
     omega_at_sigma,
@@ -23,23 +25,36 @@ from .plot import Panel, Series, line_plot
 OMEGA_COLOR = (31, 119, 180)
 WEIGHT_COLORS = {"D_ft(c)": (214, 39, 40), "D_ft(n)": (44, 160, 44), "D_w(null)": (148, 103, 189)}
 TABLE_HEADER = "step,sigma,progress,omega,evaluations,weight_ft_c,weight_ft_n,weight_w_null"
+# Omega per block: one line per block setting's group (the first few), in these colours after the run's omega.
+BLOCK_COLORS = ((255, 127, 14), (23, 190, 207), (188, 189, 34), (227, 119, 194), (140, 86, 75), (127, 127, 127))
 
 
-def step_table(sigmas: list[float], steps: list[StepGuidance]) -> str:
-    """CSV, one line per step: what the plot shows, as numbers."""
-    lines = [TABLE_HEADER]
+def block_groups(blocks: BlockSpec | None) -> list[tuple[str, float]]:
+    """(label, factor) of each block the weak model's per_block setting names: one line each in the preview."""
+    return [] if blocks is None else blocks.groups()
+
+
+def step_table(sigmas: list[float], steps: list[StepGuidance], groups: list[tuple[str, float]] = ()) -> str:
+    """CSV, one line per step: what the plot shows, as numbers; with omega per block, omega_b of each block last
+    (columns ``omega[<block>]``)."""
+    lines = [TABLE_HEADER + "".join(f",omega[{label}]" for label, _ in groups)]
     for i, (sigma, step) in enumerate(zip(sigmas, steps, strict=True), start=1):
         w = step.weights
         lines.append(f"{i},{sigma:.6g},{step.progress:.6f},{step.omega:.6f},{step.evaluations.count},"
-                     f"{w.ft_positive:.6g},{w.ft_negative:.6g},{w.weak_null:.6g}")
+                     f"{w.ft_positive:.6g},{w.ft_negative:.6g},{w.weak_null:.6g}"
+                     + "".join(f",{block_omega(step.omega, f):.6f}" for _, f in groups))
     return "\n".join(lines) + "\n"
 
 
-def plot_steps(steps: list[StepGuidance], title: str):
-    """The preview: omega per step on top, the weights on the three evaluations below."""
+def plot_steps(steps: list[StepGuidance], title: str, groups: list[tuple[str, float]] = ()):
+    """The preview: omega per step on top (and each block's omega_b = 1 - f (1 - omega)), the weights on the three
+    evaluations below."""
     ticks = [f"{i}\np {s.progress:.2f}" for i, s in enumerate(steps, start=1)]
-    omega = Panel("omega(p) of the weak model (1: plain CFG, no unlearning)",
-                  (Series("omega", tuple(s.omega for s in steps), OMEGA_COLOR),), y_range=(-0.05, 1.05))
+    series = [Series("omega" if not groups else "omega (factor 1)", tuple(s.omega for s in steps), OMEGA_COLOR)]
+    series += [Series(f"{label} (x{f:g})", tuple(block_omega(s.omega, f) for s in steps), color)
+               for (label, f), color in zip(groups, BLOCK_COLORS, strict=False)]
+    omega = Panel("omega(p) of the weak model (1: plain CFG, no unlearning)" if not groups else
+                  "omega per block", tuple(series), y_range=(-0.05, 1.05))
     weights = Panel(
         "weight of each prediction in the estimate (they sum to 1; 0: not evaluated)",
         tuple(Series(label, tuple(getattr(s.weights, field) for s in steps), WEIGHT_COLORS[label])
@@ -65,7 +80,8 @@ class SchedulePreview(io.ComfyNode):
             description=(
                 "Plots, for every step of the sigmas, omega(p) of the weak model and the weights the estimate puts "
                 "on D_ft(c), D_ft(n) and D_w(null): what the Personalization Guider (or the KSampler patch) will do, "
-                "before sampling. Wire it as the guider is wired. Also outputs the numbers as CSV."
+                "before sampling. With omega per block, one omega line per block (the first six). Wire it as the "
+                "guider is wired. Also outputs the numbers as CSV."
             ),
             inputs=[
                 io.Model.Input(
@@ -139,7 +155,11 @@ class SchedulePreview(io.ComfyNode):
             shape += f" for p in [{schedule.p_start:g}, {schedule.p_end:g}]"
         scales = f"lambda_t {guidance_scale:g}, lambda_p {lambda_p:g}" if three_way else f"lambda {guidance_scale:g}"
         counts = sorted({s.evaluations.count for s in steps})
+        groups = block_groups(weak_model.blocks)
+        if groups:
+            label = weak_model.blocks.label()
+            shape += f"; per block: {label if len(label) <= 90 else label[:87] + '...'}"
         title = (f"{estimate.value}: {scales}; {len(steps)} steps, {' or '.join(map(str, counts))} model "
                  f"evaluations per step\nweak model: {shape}")
-        plot = plot_steps(steps, title)
-        return io.NodeOutput(image_tensor(plot.image), step_table(evaluated, steps))
+        plot = plot_steps(steps, title, groups)
+        return io.NodeOutput(image_tensor(plot.image), step_table(evaluated, steps, groups))

@@ -12,6 +12,10 @@ no CFG function of another node may be on the model (they take one scale), and t
 batch must fit in free memory. Batched images equal separate runs up to
 floating-point rounding; otherwise combinations run one after another, each
 bit-identical to a separate run.
+
+Omega per block: every combination uses the weak model's per_block setting, unless
+``block_settings`` lists settings to sweep (one per line); each then samples every
+omega and lambda as more rows of the grid, and rows of one batch share a setting.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from comfy_api.latest import io
 import nodes as comfy_nodes  # ComfyUI's nodes.py (VAEDecode), not this pack's package
 
 from ...guidance import (
+    BlockSpec,
     GuidanceInputError,
     OmegaSchedule,
     check_scale,
@@ -38,7 +43,7 @@ from ...guidance import (
     parse_values,
     sweep_combinations,
 )
-from ...guidance.sweep import value_problems
+from ...guidance.sweep import parse_block_settings, value_problems
 from ..core.modes import Mode, mode_input
 from ..core.schema import node_schema
 from ..core.vocabulary import Estimate, RowOmegasUnavailable, RowScales, WeakModel
@@ -112,10 +117,20 @@ def combinations_per_batch(model, sampler, latent: torch.Tensor, denoise_mask, c
     return 1
 
 
-def _check_lists(omega_values: str, lambda_values: str, batch_size: int = 1) -> list[tuple[float, float]]:
+# One combination: omega, lambda, and the per-block setting (None: one omega for every layer).
+Combination = tuple[float, float, BlockSpec | None]
+
+
+def _check_lists(omega_values: str, lambda_values: str, batch_size: int = 1, block_settings: str = "",
+                 weak_blocks: BlockSpec | None = None) -> list[Combination]:
+    """Every combination, per-block setting by setting (each setting samples every omega and lambda); without
+    ``block_settings`` the weak model's own per-block setting for all."""
     omegas = parse_values("omega_values", omega_values, check_unit_interval)
     lambdas = parse_values("lambda_values", lambda_values, check_scale)
-    return sweep_combinations(omegas, lambdas, batch_size)
+    settings = [None if s.is_off else s for s in parse_block_settings(block_settings)] if block_settings.strip() \
+        else [weak_blocks]
+    pairs = sweep_combinations(omegas, lambdas, batch_size, len(settings))
+    return [(omega, lam, blocks) for blocks in settings for omega, lam in pairs]
 
 
 def list_problems(omega_values: str | None, lambda_values: str | None) -> str | None:
@@ -172,8 +187,8 @@ class Sweep(io.ComfyNode):
                 model_input(),
                 WeakModelSocket.Input(
                     "weak_model",
-                    tooltip="From the Personalization Weak Model. Only its pair is used: each omega value replaces "
-                    "its schedule with a constant omega over the whole run.",
+                    tooltip="From the Personalization Weak Model. Its pair and per_block setting are used: each omega "
+                    "value replaces its schedule with a constant omega over the whole run.",
                 ),
                 io.Conditioning.Input("positive", tooltip="The prompt c, encoded with the pair's CLIP."),
                 io.Conditioning.Input(
@@ -205,6 +220,18 @@ class Sweep(io.ComfyNode):
                     "lambda_sweeps names (three-way), separated by commas (at most 8). 1 turns the guidance off (the "
                     "fine-tuned model alone).",
                 ),
+                io.String.Input(
+                    "block_settings",
+                    default="",
+                    multiline=True,
+                    optional=True,  # API prompts of workflows made before it keep working
+                    tooltip="Omega per block to sweep, one setting per line (at most 8): each line samples every "
+                    "omega and lambda, as more rows of the grid. 'off'; 'unet: 1, 0.5, 0' (input, middle, output "
+                    "blocks); 'stream: 0.5, 1' (double, single stream blocks); 'depth: 1, 1, 0' (early, middle, late "
+                    "thirds); or free-form entries separated by ';' ('double_blocks = 0.5; single_blocks = 1'). "
+                    "Factors: 1 = the run's omega, 0 = the block keeps the subject. Empty (the default): the weak "
+                    "model's own per_block setting for every combination.",
+                ),
             ],
             outputs=[
                 io.Image.Output("grid", tooltip="The labelled grid: rows omega, columns lambda. One grid per image of "
@@ -216,7 +243,8 @@ class Sweep(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, omega_values: str, lambda_values: str, *, estimate=None) -> bool | str:
-        # None: linked from another node, checked when the sweep runs. See core/modes.py on ``estimate``.
+        # None: linked from another node, checked when the sweep runs (block_settings too: not named here, so that
+        # a problem with it is not shown under the lists). See core/modes.py on ``estimate``.
         return list_problems(omega_values, lambda_values) or True
 
     @classmethod
@@ -238,6 +266,7 @@ class Sweep(io.ComfyNode):
         guidance_scale: float = 7.5,
         personalization_scale: float = 3.0,
         negative=None,
+        block_settings: str = "",
     ) -> io.NodeOutput:
         """``estimate`` as ComfyUI passes it; Python callers may pass the estimate's name, and in three-way
         ``lambda_sweeps``, the scale it does not sweep, and ``negative``, as arguments."""
@@ -250,20 +279,29 @@ class Sweep(io.ComfyNode):
             guidance_scale = scale.get("guidance_scale", guidance_scale)
             personalization_scale = scale.get("personalization_scale", personalization_scale)
             swept = scale.key
-        combinations = _check_lists(omega_values, lambda_values, latent_image["samples"].shape[0])
+        combinations = _check_lists(omega_values, lambda_values, latent_image["samples"].shape[0], block_settings or "",
+                                    weak_model.blocks)
         run = _SweepRun(model, weak_model, positive, null_conditioning, negative, estimate, swept, guidance_scale,
                         personalization_scale, latent_image)
         images = run.sample_all(combinations, noise, sampler, sigmas, vae)
         return io.NodeOutput(*grid_of(images, combinations, lambda_name(estimate, swept)))
 
 
-def grid_of(images: list[torch.Tensor], combinations: list[tuple[float, float]], symbol: str):
-    """The labelled grid per latent row (omega down, the swept scale across), the images, and their labels."""
-    row_labels = [f"omega {omega:g}" for omega in dict.fromkeys(omega for omega, _ in combinations)]
-    col_labels = [f"{symbol} {lam:g}" for lam in dict.fromkeys(lam for _, lam in combinations)]
+def _per_block(blocks: BlockSpec | None) -> str:
+    return f"per-block {'off' if blocks is None else blocks.label()}"
+
+
+def grid_of(images: list[torch.Tensor], combinations: list[Combination], symbol: str):
+    """The labelled grid per latent row (per-block setting and omega down, the swept scale across), the images, and
+    their labels. The per-block setting is named only where the sweep sweeps several."""
+    swept = len({blocks for _, _, blocks in combinations}) > 1
+    rows = dict.fromkeys((omega, blocks) for omega, _, blocks in combinations)
+    row_labels = [f"omega {omega:g}" + (f", {_per_block(blocks)}" if swept else "") for omega, blocks in rows]
+    col_labels = [f"{symbol} {lam:g}" for lam in dict.fromkeys(lam for _, lam, _ in combinations)]
     batch = images[0].shape[0]
     grids = [labelled_grid([image[b] for image in images], row_labels, col_labels)[0] for b in range(batch)]
-    labels = [f"omega {omega:g}, {symbol} {lam:g}" for omega, lam in combinations for _ in range(batch)]
+    labels = [f"omega {omega:g}, {symbol} {lam:g}" + (f", {_per_block(blocks)}" if swept else "")
+              for omega, lam, blocks in combinations for _ in range(batch)]
     return torch.stack(grids), torch.cat(images), "\n".join(labels) + "\n"
 
 
@@ -282,17 +320,17 @@ class _SweepRun:
 
     def guider_for(self, group: list[tuple[float, float]]):
         """The guider of a group of combinations: one omega and scale per latent row when there are several."""
-        omega, lam = group[0]
+        omega, lam, blocks = group[0]  # a group holds one per-block setting
         rows = None
         if len(group) > 1:
             each = self.latent["samples"].shape[0]
             scale = "lambda_p" if self.swept == SweptScale.PERSONALIZATION else "lambda_t"
-            rows = RowScales(omega=tuple(o for o, _ in group for _ in range(each)),
-                             **{scale: tuple(la for _, la in group for _ in range(each))})
+            rows = RowScales(omega=tuple(o for o, _, _ in group for _ in range(each)),
+                             **{scale: tuple(la for _, la, _ in group for _ in range(each))})
         scales = ((self.guidance_scale, lam) if self.swept == SweptScale.PERSONALIZATION
                   else (lam, self.personalization_scale))
         positive, null, negative = self.conds
-        return make_guider(self.model, WeakModel(self.pair, OmegaSchedule.constant(omega)), positive, null,
+        return make_guider(self.model, WeakModel(self.pair, OmegaSchedule.constant(omega), blocks), positive, null,
                            self.estimate.value, *scales, negative=negative, rows=rows)
 
     def sample_all(self, combinations, noise, sampler, sigmas, vae) -> list[torch.Tensor]:
@@ -300,7 +338,10 @@ class _SweepRun:
         latent, noise_mask = self.latent, self.latent.get("noise_mask")
         per_batch = combinations_per_batch(self.model, sampler, latent["samples"], noise_mask, len(combinations),
                                            pair=self.pair)
-        groups = [combinations[i:i + per_batch] for i in range(0, len(combinations), per_batch)]
+        # Rows of one batch share a per-block setting (each row has its own omega, every layer one factor).
+        settings = list(dict.fromkeys(blocks for _, _, blocks in combinations))
+        groups = [chunk[i:i + per_batch] for blocks in settings for chunk in [[c for c in combinations if c[2] == blocks]]
+                  for i in range(0, len(chunk), per_batch)]
         log.info("Personalization Sweep: %d combinations in %d sampling run(s).", len(combinations), len(groups))
         # Every guider first, so that any bad input stops the sweep before the first step.
         guiders = [self.guider_for(group) for group in groups]

@@ -31,6 +31,21 @@ def interpolate(base: dict, finetuned: dict, omega: float) -> dict:
     return {k: base[k] + omega * (finetuned[k] - base[k]) if base[k].is_floating_point() else base[k] for k in base}
 
 
+def per_block(weights, factor_of):
+    """Weak weights per block, materialized by hand: tensor ``key`` of ``weights(omega_b)``, where
+    omega_b = 1 - f (1 - omega) and f = ``factor_of(key)`` (docs/design.md, "Omega per block"). ``weights(omega)`` is
+    the weak model's state dict for one omega (``interpolate`` or ``lora_weights`` at omega times the strength)."""
+    def weak(omega):
+        by_omega, out = {}, {}
+        for key in weights(omega):
+            omega_b = 1.0 - factor_of(key) * (1.0 - omega)
+            if omega_b not in by_omega:
+                by_omega[omega_b] = weights(omega_b)
+            out[key] = by_omega[omega_b][key]
+        return out
+    return weak
+
+
 class HandModel:
     """A separately built BaseModel; ``load(sd)`` replaces its weights (only when they differ from the last)."""
 
@@ -119,4 +134,5 @@ def close(actual, expected):
     return True
 
 
-__all__ = ["HandGuider", "interpolate", "lora_weights", "omega_linear", "progress", "close", "relative_error", "REL_TOL"]
+__all__ = ["HandGuider", "interpolate", "lora_weights", "omega_linear", "per_block", "progress", "close", "relative_error",
+           "REL_TOL"]

@@ -228,7 +228,7 @@ def test_route_per_pair_kind(setup, pair_name, estimate, expected, monkeypatch):
             assert g.model_patcher.get_additional_models_with_key(nodes.core.vocabulary.WRAPPER_KEY) == [pair.delta_patcher]
         assert pair.workspace is None
         # Where the device has room (a GPU): theta_ft and the weak weights, one workspace per pair shared by its guiders.
-        monkeypatch.setattr(nodes.core.runtime, "_workspace_fits", lambda model, nbytes: True)
+        monkeypatch.setattr(nodes.core.weak_weights, "workspace_fits", lambda model, nbytes: True)
         monkeypatch.setattr(pair, "workspace", None)  # made here, dropped after
         for g in guiders():
             assert pair.workspace is not None
