@@ -180,14 +180,7 @@ def report_sample(opts) -> None:
     print(f"{opts.arch}: {result['params'] / 1e6:.1f}M parameters, {opts.qtype} GGUF, CPU, {result['threads']} torch "
           f"threads, {opts.size}x{opts.size}, euler, {opts.steps} steps, lambda {opts.lam}, omega {opts.omega}; "
           f"median of {opts.repeats} runs (steady steps), interleaved")
-    print()
-    print("| route | s / step | ratio to CFG | first step, extra over CFG's | peak added while sampling | weak evaluation |")
-    print("| --- | ---: | ---: | ---: | ---: | --- |")
-    routes = result["routes"]
-    for name, r in routes.items():
-        baseline = routes["CFG, GGUF base with the LoRA" if "LoRA" in name else "CFG, GGUF fine-tune"]
-        print(f"| {name} | {r['step']:.3f} | {r['step'] / baseline['step']:.2f}x | "
-              f"{r['first'] - baseline['first']:+.2f} s | {r['added'] / GIB:.3f} GiB | {r['weak'] or '–'} |")
+    bench_real_size.print_routes(result["routes"], ("CFG, GGUF base with the LoRA", "CFG, GGUF fine-tune"))
 
 
 def main(argv=None):

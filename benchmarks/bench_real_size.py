@@ -325,14 +325,20 @@ def report_sample(opts) -> None:
     print(f"{opts.arch}: {result['params'] / 1e6:.1f}M parameters, {held}, CPU, "
           f"{result['threads']} torch threads, {opts.size}x{opts.size}, euler, {opts.steps} steps, lambda {opts.lam}, "
           f"omega {opts.omega}; median of {opts.repeats} runs (steady steps), interleaved")
+    print_routes(result["routes"], ("CFG, LoRA model", "CFG, full fine-tune"))
+
+
+def print_routes(routes: dict, baselines: tuple[str, str]) -> None:
+    """The table of ``time_interleaved``'s routes, each against its CFG baseline (``baselines``: the LoRA pair's, the
+    full pair's)."""
     print()
-    print("| route | s / step | ratio to CFG | first step, extra over CFG's | peak added while sampling | weak evaluation (the pack's log) |")
+    print("| route | s / step | ratio to CFG | first step, extra over CFG's | peak added while sampling | weak evaluation "
+          "(the pack's log) |")
     print("| --- | ---: | ---: | ---: | ---: | --- |")
-    routes = result["routes"]
     for name, r in routes.items():
-        baseline = routes["CFG, LoRA model" if "LoRA" in name else "CFG, full fine-tune"]
-        print(f"| {name} | {r['step']:.2f} | {r['step'] / baseline['step']:.2f}x | "
-              f"{r['first'] - baseline['first']:+.2f} s | {r['added'] / GIB:.2f} GiB | {r['weak'] or '–'} |")
+        baseline = routes[baselines[0] if "LoRA" in name else baselines[1]]
+        print(f"| {name} | {r['step']:.3f} | {r['step'] / baseline['step']:.2f}x | "
+              f"{r['first'] - baseline['first']:+.2f} s | {r['added'] / GIB:.3f} GiB | {r['weak'] or '–'} |")
 
 
 def main(argv=None):
