@@ -571,7 +571,7 @@ def tuning_sweep() -> Workflow:
             "pair": _pair(),
             "weak": _weak(title="Personalization Weak Model (the sweep uses its pair)"),
             **_prompts(negative=False),
-            "sweep": Node("PG_Sweep", (380, 270),
+            "sweep": Node("PG_Sweep", (380, 340),
                           {"estimate": TWO_WAY, "omega_values": "0.3, 0.5, 0.7, 1", "lambda_values": "4, 7.5, 11"}),
             **{key: node for key, node in _sampling_inputs(steps=20).items()},
             "save_grid": Node("SaveImage", (360, 460), {"filename_prefix": "pg_sweep_grid"}),
