@@ -229,7 +229,7 @@ def test_batched_sweep_of_a_full_pair_equals_separate_runs(setup, tiny_files):
 
 
 def test_sweep_batches_only_what_it_can_keep_apart(setup):
-    sweep = setup["nodes"].sweep
+    sweep = setup["nodes"].tuning.sweep
     model = setup["model"]
     latent = torch.zeros(1, 4, 8, 8)
     assert sweep.combinations_per_batch(model, comfy.samplers.sampler_object("euler"), latent, None, 6) == 6
