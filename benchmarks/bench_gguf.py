@@ -20,13 +20,11 @@ nothing.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import bench_guidance  # this folder: run as python benchmarks/bench_gguf.py
@@ -184,27 +182,11 @@ def report_sample(opts) -> None:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", nargs="?", choices=("form", "sample"))
-    parser.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)
+    parser = bench_real_size.parser_for(__doc__.split("\n\n")[0], PHASES, "pg_gguf", size=64, steps=6, repeats=3)
     parser.add_argument("--arch", choices=("tiny", "sd15"), default="tiny")
     parser.add_argument("--qtype", default="Q8_0", help="GGUF type of both files: F16, BF16, Q8_0, Q4_0, Q4_K, ...")
-    parser.add_argument("--folder", default=str(Path(tempfile.gettempdir()) / "pg_gguf"),
-                        help="where the random-weight files are made (once) and read")
-    parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--lam", type=float, default=5.0)
-    parser.add_argument("--omega", type=float, default=0.5)
     parser.add_argument("--threads", type=int, default=1)
-    opts = parser.parse_args(argv)
-    Path(opts.folder).mkdir(parents=True, exist_ok=True)
-    if opts.phase:
-        print(json.dumps(PHASES[opts.phase](opts)))
-    elif opts.command == "form":
-        report_form(opts)
-    else:
-        report_sample(opts)
+    bench_real_size.run(parser.parse_args(argv), PHASES, report_form, report_sample)
 
 
 if __name__ == "__main__":

@@ -341,31 +341,41 @@ def print_routes(routes: dict, baselines: tuple[str, str]) -> None:
               f"{r['first'] - baseline['first']:+.2f} s | {r['added'] / GIB:.3f} GiB | {r['weak'] or '–'} |")
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parser_for(description: str, phases: dict, folder: str, size: int, steps: int, repeats: int):
+    """The options both real-size benchmarks share; each adds its own (model, weights, threads) before parsing."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("command", nargs="?", choices=("form", "sample"))
-    parser.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)
-    parser.add_argument("--arch", choices=ARCHS, default="sd15")
-    parser.add_argument("--folder", default=str(Path(tempfile.gettempdir()) / "pg_real_size"),
+    parser.add_argument("--phase", choices=phases, help=argparse.SUPPRESS)
+    parser.add_argument("--folder", default=str(Path(tempfile.gettempdir()) / folder),
                         help="where the random-weight model files are made (once) and read")
-    parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--size", type=int, default=size)
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--repeats", type=int, default=repeats)
     parser.add_argument("--lam", type=float, default=5.0)
     parser.add_argument("--omega", type=float, default=0.5)
+    return parser
+
+
+def run(opts, phases: dict, report_form, report_sample) -> None:
+    """A phase in this process (the child's side), or a report that runs its phases in fresh processes."""
+    Path(opts.folder).mkdir(parents=True, exist_ok=True)
+    if opts.phase:
+        print(json.dumps(phases[opts.phase](opts)))
+    elif opts.command == "form":
+        report_form(opts)
+    else:
+        report_sample(opts)
+
+
+def main(argv=None):
+    parser = parser_for(__doc__.split("\n\n")[0], PHASES, "pg_real_size", size=256, steps=5, repeats=2)
+    parser.add_argument("--arch", choices=ARCHS, default="sd15")
     parser.add_argument("--rank", type=int, default=0, help="form: also form a low-rank pair of this rank")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--weights", choices=("fp16", "fp32"), default="fp16",
                         help="sample: how ComfyUI holds the UNet's weights on the CPU (fp16: --fp16-unet, computed in "
                         "fp32; fp32: ComfyUI's CPU default)")
-    opts = parser.parse_args(argv)
-    Path(opts.folder).mkdir(parents=True, exist_ok=True)
-    if opts.phase:
-        print(json.dumps(PHASES[opts.phase](opts)))
-    elif opts.command == "form":
-        report_form(opts)
-    else:
-        report_sample(opts)
+    run(parser.parse_args(argv), PHASES, report_form, report_sample)
 
 
 if __name__ == "__main__":

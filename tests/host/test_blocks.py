@@ -18,7 +18,6 @@ import re
 import comfy.model_management
 import comfy.sample
 import comfy.samplers
-import comfy.sd
 import comfy.supported_models
 import comfy.utils
 import families
@@ -27,7 +26,7 @@ import pytest
 import reference
 import tiny
 import torch
-from test_families import SeparateModels, _lora_delta, _state
+from test_families import SeparateModels, build_pairs
 
 STEPS = 3
 LAMBDA, LAMBDA_P = 5.0, 2.0
@@ -438,25 +437,7 @@ def dit_factor(name: str, factors):
 def dit(request, comfy_host):
     family, preset, names, factors = DIT[request.param]
     nodes = comfy_host.nodes
-    base = family.build(seed=1)
-    full = family.build(seed=1)
-    families.fine_tune(full, seed=2)
-    lora = families.lora_for(base, seed=3)
-    lora_model = comfy.sd.load_lora_for_models(base, None, lora, LORA_STRENGTH, 0.0)[0]
-    base_w, full_w = _state(base), _state(full)
-    lora_d = _lora_delta(base_w, lora, LORA_STRENGTH)
-
-    def with_lora(omega):
-        return {k: v + omega * lora_d[k] if k in lora_d else v for k, v in base_w.items()}
-
-    def interpolated(omega):
-        return {k: v + omega * (full_w[k] - v) if v.is_floating_point() else v for k, v in base_w.items()}
-
-    pairs = {
-        "lora": (nodes.load_pair.PairFromModels.execute(base, lora_model).args[0], with_lora(1.0), with_lora),
-        "full": (nodes.load_pair.PairFromModels.execute(base, full).args[0], full_w, interpolated),
-    }
-    conds = {name: family.cond(tokens, seed) for seed, (name, tokens) in enumerate(TOKENS.items(), start=10)}
+    pairs, conds = build_pairs(family, nodes)
     yield {"name": request.param, "family": family, "nodes": nodes, "pairs": pairs, "conds": conds, "preset": preset,
            "names": names, "factors": factors}
     comfy.model_management.unload_all_models()

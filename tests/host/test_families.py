@@ -101,10 +101,12 @@ class SeparateModels(comfy.samplers.CFGGuider):
         return d_w + self.lam_p * (d_n - d_w) + self.lam_t * (d_c - d_n)
 
 
-@pytest.fixture(scope="module", params=list(families.FAMILIES))
-def family_setup(request, comfy_host):
-    family = families.FAMILIES[request.param]
-    nodes = comfy_host.nodes
+def build_pairs(family, nodes):
+    """The pack's two pairs for one family's test model, each with the weights a hand-built reference needs.
+
+    Returns (pairs, conds): pairs maps "lora" and "full" to (the pair from PairFromModels, the fine-tuned weights,
+    the weak model's weights as a function of omega); conds maps each TOKENS name to a conditioning of that length.
+    """
     base = family.build(seed=1)
     full = family.build(seed=1)
     families.fine_tune(full, seed=2)
@@ -124,7 +126,14 @@ def family_setup(request, comfy_host):
         "full": (nodes.load_pair.PairFromModels.execute(base, full).args[0], full_w, interpolated),
     }
     conds = {name: family.cond(tokens, seed) for seed, (name, tokens) in enumerate(TOKENS.items(), start=10)}
-    yield family, nodes, pairs, conds
+    return pairs, conds
+
+
+@pytest.fixture(scope="module", params=list(families.FAMILIES))
+def family_setup(request, comfy_host):
+    family = families.FAMILIES[request.param]
+    pairs, conds = build_pairs(family, comfy_host.nodes)
+    yield family, comfy_host.nodes, pairs, conds
     comfy.model_management.unload_all_models()
 
 
