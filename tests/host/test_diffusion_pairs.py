@@ -8,7 +8,9 @@ as the rank grows and vanishes at full rank.
 
 from __future__ import annotations
 
+import gc
 import logging
+import weakref
 
 import comfy.samplers
 import comfy.supported_models
@@ -76,6 +78,28 @@ def test_full_and_lora_pairs_from_diffusion_model_files_sample_exactly(comfy_hos
     reference.close(_sample(nodes, pair, conds),
                     _hand(reference.lora_weights(base, lora, 0.7), lambda o: reference.lora_weights(base, lora, 0.7 * o),
                           conds))
+
+
+def test_a_full_pair_releases_the_base_it_was_formed_from(comfy_host, files, monkeypatch):
+    """A full pair holds two weight sets, theta_ft and the delta: once the loader has formed it, the base model it
+    loaded is garbage, and sampling with the pair does not bring it back (a pair of GGUF files is the exception: it
+    reads its base while sampling, test_gguf.py)."""
+    import nodes as comfy_nodes  # ComfyUI's nodes.py, whose UNETLoader the pack's loader calls
+
+    loaded = []
+    load_unet = comfy_nodes.UNETLoader.load_unet
+
+    def recording(self, *args, **kwargs):
+        out = load_unet(self, *args, **kwargs)
+        loaded.append(weakref.ref(out[0].model))
+        return out
+
+    monkeypatch.setattr(comfy_nodes.UNETLoader, "load_unet", recording)
+    pair, _ = _load(comfy_host.nodes, files, "fine-tuned checkpoint")
+    _sample(comfy_host.nodes, pair, _conds())
+    gc.collect()
+    assert len(loaded) == 2
+    assert [ref() for ref in loaded if ref() is not None] == [pair.finetuned.model]
 
 
 def test_fp8_weights_computed_in_fp32_sample_exactly(comfy_host, files, caplog):
