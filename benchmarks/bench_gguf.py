@@ -21,10 +21,7 @@ nothing.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import bench_guidance  # this folder: run as python benchmarks/bench_gguf.py
@@ -148,13 +145,7 @@ PHASES = {"load": phase_load, "form": phase_form, "sample": phase_sample}
 
 
 def _child(opts, phase: str) -> dict:
-    argv = [sys.executable, __file__, "--phase", phase, "--arch", opts.arch, "--qtype", opts.qtype, "--folder",
-            opts.folder, "--size", str(opts.size), "--steps", str(opts.steps), "--repeats", str(opts.repeats),
-            "--lam", str(opts.lam), "--omega", str(opts.omega)]
-    if opts.threads:
-        argv += ["--threads", str(opts.threads)]
-    out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return bench_real_size.run_phase(__file__, opts, phase, "--qtype", opts.qtype)
 
 
 def report_form(opts) -> None:

@@ -281,16 +281,20 @@ def time_interleaved(routes: dict, model, opts, log) -> dict:
 PHASES = {"load": phase_load, "form": phase_form, "sample": phase_sample}
 
 
-def _child(opts, phase: str, **extra) -> dict:
-    """Run one phase in a fresh process; its result comes back as JSON."""
-    argv = [sys.executable, __file__, "--phase", phase, "--arch", opts.arch, "--folder", opts.folder,
+def run_phase(script: str, opts, phase: str, *extra: str) -> dict:
+    """Run one phase of ``script`` (this benchmark or bench_gguf.py) in a fresh process, with the options they share
+    and ``extra``; its result comes back as JSON."""
+    argv = [sys.executable, script, "--phase", phase, "--arch", opts.arch, "--folder", opts.folder,
             "--size", str(opts.size), "--steps", str(opts.steps), "--repeats", str(opts.repeats),
-            "--lam", str(opts.lam), "--omega", str(opts.omega), "--rank", str(extra.get("rank", 0)),
-            "--weights", opts.weights]
+            "--lam", str(opts.lam), "--omega", str(opts.omega), *extra]
     if opts.threads:
         argv += ["--threads", str(opts.threads)]
     out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
+
+
+def _child(opts, phase: str, rank: int = 0) -> dict:
+    return run_phase(__file__, opts, phase, "--rank", str(rank), "--weights", opts.weights)
 
 
 def report_form(opts) -> None:
